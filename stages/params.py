@@ -1,0 +1,246 @@
+"""params.yaml: the single source of configuration, validated on load.
+
+Every stage calls `load_params()`; an unknown key, a wrong type or an out-of-range value
+fails with a `ParamsError` naming the key. Numbers written as `5e-4` (a string to PyYAML)
+are accepted as floats.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from stages.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+PATCH = 14  # ViT patch size: image sides must be multiples of it
+BACKBONES = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14",
+             "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg")
+
+
+class ParamsError(PipelineError):
+    pass
+
+
+def _number(value: Any) -> Any:
+    # YAML 1.1 reads `5e-4` as a string; bools are not numbers here.
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_number)]
+Prob = Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=1.0)]
+NonNeg = Annotated[float, BeforeValidator(_number), Field(ge=0.0)]
+Count = Annotated[int, Field(ge=0, strict=True)]
+Positive = Annotated[int, Field(ge=1, strict=True)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassSpec(Section):
+    name: str = Field(min_length=1)
+    raw: list[Annotated[int, Field(ge=0, le=65535, strict=True)]] = Field(min_length=1)
+
+
+class Data(Section):
+    root: str
+    image_size: tuple[Positive, Positive]  # [width, height]
+    ignore_index: Annotated[int, Field(ge=0, le=255, strict=True)]
+    ignore_raw: list[Annotated[int, Field(ge=0, le=65535, strict=True)]] = []
+    classes: list[ClassSpec] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Data":
+        w, h = self.image_size
+        if w % PATCH or h % PATCH:
+            raise ValueError(f"image_size {list(self.image_size)} must be multiples of {PATCH} (e.g. [476, 266])")
+        names = [c.name for c in self.classes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"classes: duplicate class names {dup}")
+        ids = [i for c in self.classes for i in c.raw] + list(self.ignore_raw)
+        dup_ids = sorted({i for i in ids if ids.count(i) > 1})
+        if dup_ids:
+            raise ValueError(f"classes: raw ids {dup_ids} are mapped more than once")
+        if self.ignore_index < len(self.classes):
+            raise ValueError(f"ignore_index {self.ignore_index} collides with a class index (0..{len(self.classes) - 1})")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class Synthetic(Section):
+    seed: Count
+    train: Positive
+    val: Positive
+    width: Positive = 960
+    height: Positive = 540
+
+
+class Prepare(Section):
+    workers: Count  # 0 = all cores
+
+
+class ClassWeights(Section):
+    method: Literal["none", "inverse_frequency", "median_frequency"]
+    max_weight: Annotated[float, BeforeValidator(_number), Field(gt=0.0)]
+
+
+class Model(Section):
+    backbone: Literal[BACKBONES]  # type: ignore[valid-type]
+    weights: str = Field(min_length=1)  # random | dinov2 | path to a checkpoint
+    head: Literal["convnext", "multiscale"]
+    head_channels: Positive
+    layers: Positive  # intermediate blocks fused by the multiscale head
+    init_seed: Count  # seed of the random backbone, so train and evaluate build the same one
+
+
+class Optimizer(Section):
+    name: Literal["sgd", "adamw"]
+    lr: Annotated[float, BeforeValidator(_number), Field(gt=0.0, le=1.0)]
+    momentum: Annotated[float, BeforeValidator(_number), Field(ge=0.0, lt=1.0)]
+    weight_decay: NonNeg
+
+
+class Scheduler(Section):
+    name: Literal["constant", "cosine"]
+    min_lr: NonNeg
+
+
+class Loss(Section):
+    name: Literal["cross_entropy", "focal_dice"]
+    class_weighted: bool
+    focal_gamma: NonNeg
+    focal_weight: NonNeg
+    dice_weight: NonNeg
+
+
+class Affine(Section):
+    p: Prob
+    shift: Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=0.5)]
+    scale: Annotated[float, BeforeValidator(_number), Field(ge=0.0, lt=1.0)]
+    rotate: Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=180.0)]
+
+
+class Blur(Section):
+    p: Prob
+    limit: Annotated[int, Field(ge=3, strict=True)]
+
+
+class ColorJitter(Section):
+    p: Prob
+    brightness: NonNeg
+    contrast: NonNeg
+    saturation: NonNeg
+    hue: Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=0.5)]
+
+
+class Augment(Section):
+    enabled: bool
+    hflip: Prob
+    vflip: Prob
+    affine: Affine
+    blur: Blur
+    color_jitter: ColorJitter
+
+
+class Train(Section):
+    epochs: Positive
+    batch_size: Positive
+    seed: Count
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    num_workers: Count
+    amp: bool
+    early_stopping_patience: Count  # 0 = off
+    checkpoint: Literal["best", "final"]
+    compile: bool
+
+
+class Evaluate(Section):
+    split: Literal["train", "val"]
+    batch_size: Positive
+    examples: Count  # val images kept for the predictions figure
+
+
+class Plot(Section):
+    dpi: Positive
+
+
+class Params(Section):
+    data: Data
+    synthetic: Synthetic
+    prepare: Prepare
+    class_weights: ClassWeights
+    model: Model
+    optimizer: Optimizer
+    scheduler: Scheduler
+    loss: Loss
+    augment: Augment
+    train: Train
+    evaluate: Evaluate
+    plot: Plot
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        if self.scheduler.name == "cosine" and self.scheduler.min_lr > self.optimizer.lr:
+            raise ValueError(f"scheduler.min_lr {self.scheduler.min_lr} exceeds optimizer.lr {self.optimizer.lr}")
+        return self
+
+
+def _section_keys(loc: tuple) -> list[str]:
+    model: Any = Params
+    for part in loc[:-1]:
+        if isinstance(part, str):
+            ann = model.model_fields[part].annotation
+            model = getattr(ann, "__args__", (ann,))[0]  # list[ClassSpec] -> ClassSpec
+    return list(model.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), _section_keys(loc), n=1)
+        return f"unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    if err["type"] == "missing":
+        return f"missing key '{key}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"'{key}': {msg} (got {err.get('input')!r})" if loc else msg
+
+
+def validate(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run stages from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return validate(raw, str(path))

@@ -1,0 +1,92 @@
+"""params.yaml validation: every mistake names its key."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import ParamsError, load_params, validate
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load(REPO_PARAMS.read_text())
+
+
+def edited(raw: dict, key: str, value) -> dict:
+    out = copy.deepcopy(raw)
+    *parents, last = key.split(".")
+    node = out
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+DELETE = object()
+
+
+def test_repo_params_are_the_phase2_recipe():
+    p = load_params(REPO_PARAMS)
+    assert (p.optimizer.name, p.optimizer.lr, p.optimizer.weight_decay) == ("adamw", 5e-4, 1e-4)
+    assert (p.scheduler.name, p.scheduler.min_lr) == ("cosine", 1e-6)
+    assert (p.train.epochs, p.train.early_stopping_patience, p.train.checkpoint) == (30, 10, "best")
+    assert p.augment.enabled and p.loss.class_weighted and p.train.amp
+    assert p.data.image_size == (476, 266)
+    assert p.data.class_names == ["Background", "Trees", "Lush Bushes", "Dry Grass", "Dry Bushes",
+                                  "Ground Clutter", "Logs", "Rocks", "Landscape", "Sky"]
+    assert 600 in p.data.classes[0].raw  # Flowers folded into Background, explicitly
+
+
+def test_string_numbers_are_floats(raw):
+    p = validate(edited(raw, "optimizer.lr", "5e-4"))
+    assert p.optimizer.lr == pytest.approx(5e-4) and isinstance(p.optimizer.lr, float)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("optimizer.lrr", 1.0, "unknown key 'optimizer.lrr' (did you mean 'lr'?)"),
+    ("optimizer.lr", "fast", "'optimizer.lr': expected a number"),
+    ("optimizer.lr", True, "'optimizer.lr': expected a number"),
+    ("optimizer.lr", -1.0, "'optimizer.lr': Input should be greater than 0"),
+    ("optimizer.lr", 0.0, "'optimizer.lr'"),
+    ("optimizer.name", "adam", "'optimizer.name': Input should be 'sgd' or 'adamw'"),
+    ("train.epochs", 0, "'train.epochs': Input should be greater than or equal to 1"),
+    ("train.epochs", 2.5, "'train.epochs'"),
+    ("train.batch_size", -4, "'train.batch_size'"),
+    ("train.early_stopping_patience", -1, "'train.early_stopping_patience'"),
+    ("train.device", "gpu", "'train.device'"),
+    ("train.epochs", DELETE, "missing key 'train.epochs'"),
+    ("data.image_size", [470, 266], "image_size [470, 266] must be multiples of 14"),
+    ("data.classes", [], "'data.classes'"),
+    ("data.classes.1.name", "Background", "duplicate class names ['Background']"),
+    ("data.classes.1.raw", [0], "raw ids [0] are mapped more than once"),
+    ("data.classes.0.nam", "x", "unknown key 'data.classes.0.nam' (did you mean 'name'?)"),
+    ("data.ignore_index", 3, "ignore_index 3 collides with a class index"),
+    ("model.backbone", "dinov2_vits16", "'model.backbone'"),
+    ("scheduler.min_lr", 1.0, "scheduler.min_lr 1.0 exceeds optimizer.lr"),
+    ("augment.hflip", 1.5, "'augment.hflip': Input should be less than or equal to 1"),
+    ("loss.name", "dice", "'loss.name'"),
+    ("nonsense", {}, "unknown key 'nonsense'"),
+])
+def test_bad_params_name_the_key(raw, key, value, expected):
+    with pytest.raises(ParamsError) as err:
+        validate(edited(raw, key, value), "params.yaml")
+    assert expected in str(err.value)
+    assert str(err.value).startswith("params.yaml: invalid params")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)
