@@ -1,0 +1,25 @@
+"""Stage `prepare`: decode, map and resize data.root into memory-mappable arrays (python -m stages.prepare)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from stages.dataset import prepare_split
+from stages.errors import run_cli
+from stages.params import load_params
+
+OUT = Path("data/prepared")
+
+
+def main() -> None:
+    params = load_params()
+    for split in ("train", "val"):
+        start = time.perf_counter()
+        count = prepare_split(params.data.root, split, OUT, params.data, params.prepare.workers)
+        seconds = time.perf_counter() - start
+        print(f"prepare: {split}: {count} images -> {OUT / split} at {list(params.data.image_size)} "
+              f"({seconds:.1f} s, {count / seconds:.1f} images/s)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,283 @@
+"""The embedded synthetic desert, in the real dataset's layout and format.
+
+`<root>/<split>/Color_Images/NAME.png` (RGB, 8-bit) and `<root>/<split>/Segmentation/NAME.png`
+(16-bit single-channel raw ids). Each image is drawn by its own generator seeded from
+(seed, split, index): byte-identical across runs, and unchanged when the counts change.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+# Raw ids of the real masks.
+BACKGROUND, TREES, LUSH, GRASS, DRY, CLUTTER, FLOWERS, LOGS, ROCKS, LANDSCAPE, SKY = (
+    0, 100, 200, 300, 500, 550, 600, 700, 800, 7100, 10000)
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode()), index]))
+
+
+def noise(rng: np.random.Generator, h: int, w: int, cells_y: float, cells_x: float) -> np.ndarray:
+    """Smooth value noise, about 0..1, with cells_y x cells_x features over an h x w field."""
+    grid = rng.random((max(2, round(cells_y)), max(2, round(cells_x))), dtype=np.float32)
+    return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def fractal(rng: np.random.Generator, h: int, w: int, cells: float, octaves: int = 3) -> np.ndarray:
+    """Sum of `octaves` noise layers, each twice as fine and half as strong, about 0..1."""
+    cells_x = cells * w / h
+    total = sum(0.5**k * noise(rng, h, w, cells * 2**k, cells_x * 2**k) for k in range(octaves))
+    return total / (2 - 0.5 ** (octaves - 1))
+
+
+def _colour(rng: np.random.Generator, rgb: tuple[float, float, float], jitter: float) -> np.ndarray:
+    return np.clip(np.array(rgb, np.float32) * rng.uniform(1 - jitter, 1 + jitter, 3), 0, 255).astype(np.float32)
+
+
+def _profile(rng: np.random.Generator, width: int, knots: int) -> np.ndarray:
+    """A smooth random curve over the image width, about 0..1."""
+    return noise(rng, 1, width, 1, knots)[0]
+
+
+def _paste(img: np.ndarray, lab: np.ndarray, x0: int, y0: int, shape: np.ndarray, colour: np.ndarray, raw: int) -> None:
+    """Paint boolean `shape` with per-pixel `colour` at (x0, y0), clipped to the frame."""
+    H, W = lab.shape
+    h, w = shape.shape
+    xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+    if xa >= xb or ya >= yb:
+        return
+    s = shape[ya - y0:yb - y0, xa - x0:xb - x0]
+    img[ya:yb, xa:xb][s] = colour[ya - y0:yb - y0, xa - x0:xb - x0][s]
+    lab[ya:yb, xa:xb][s] = raw
+
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in 0..1 over an h x w box."""
+    return (np.arange(h, dtype=np.float32)[:, None] + 0.5) / h, (np.arange(w, dtype=np.float32)[None, :] + 0.5) / w
+
+
+def _blob(rng: np.random.Generator, h: int, w: int, lobes: int, ragged: float) -> np.ndarray:
+    """A bush-like union of ellipses with ragged edges, standing on the bottom of an h x w box."""
+    y, x = _grid(h, w)
+    field = np.full((h, w), -1.0, np.float32)
+    for _ in range(lobes):
+        cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.45, 0.75)
+        ax, ay = rng.uniform(0.18, 0.3), rng.uniform(0.22, 0.4)
+        field = np.maximum(field, 1 - ((x - cx) / ax) ** 2 - ((y - cy) / ay) ** 2)
+    field += ragged * (fractal(rng, h, w, max(3, h / 6), 2) - 0.5)
+    return (field > 0) & (y < 0.97)
+
+
+def _textured(rng: np.random.Generator, h: int, w: int, base: np.ndarray, cells: float, grain: float,
+              shade: float) -> np.ndarray:
+    """`base` with a leafy/grainy texture and darker towards the bottom of the box."""
+    y, _ = _grid(h, w)
+    tex = 1 + grain * (fractal(rng, h, w, cells, 2) - 0.5)
+    light = (1 + shade * (0.5 - y)) * tex
+    return base * light[..., None]
+
+
+def _bush(rng, img, lab, bx, by, r, raw, base: np.ndarray) -> None:
+    h, w = max(3, int(1.5 * r)), max(3, int(2.4 * r))
+    shape = _blob(rng, h, w, rng.integers(3, 7), 0.9)
+    _paste(img, lab, int(bx - w / 2), int(by - h), shape, _textured(rng, h, w, base, max(3, h / 4), 0.7, 0.6), raw)
+
+
+def _tree(rng, img, lab, bx, by, r, base: np.ndarray, bark: np.ndarray) -> None:
+    trunk_h = r * rng.uniform(0.8, 1.6)
+    h, w = max(4, int(1.6 * r + trunk_h)), max(3, int(2.4 * r))
+    y, x = _grid(h, w)
+    canopy = np.zeros((h, w), bool)
+    ch = int(1.7 * r)
+    canopy[:ch] = _blob(rng, ch, w, rng.integers(4, 8), 1.0)
+    trunk = (np.abs(x - 0.5 + 0.05 * (y - 1)) < 0.045 + 0.02 * y) & (y > 0.3)
+    colour = np.where(trunk[..., None], _textured(rng, h, w, bark, max(3, h / 8), 0.4, 0.3),
+                      _textured(rng, h, w, base, max(3, ch / 4), 0.8, 0.7))
+    _paste(img, lab, int(bx - w / 2), int(by - h), canopy | trunk, colour, TREES)
+
+
+def _rock(rng, img, lab, bx, by, r, base: np.ndarray) -> None:
+    h, w = max(3, int(1.2 * r)), max(3, int(2 * r))
+    y, x = _grid(h, w)
+    radii = rng.uniform(0.55, 1.0, 8).astype(np.float32)
+    angle = (np.arctan2(y - 0.95, x - 0.5) + np.pi) / (2 * np.pi) * 8
+    edge = np.interp(angle.ravel(), np.arange(9), np.append(radii, radii[0])).reshape(h, w)
+    shape = np.hypot((x - 0.5) / 0.5, (y - 0.95) / 0.95) < edge
+    lit = 1.25 - 0.5 * y - 0.25 * x + 0.25 * (fractal(rng, h, w, max(3, h / 3), 2) - 0.5)
+    _paste(img, lab, int(bx - w / 2), int(by - h), shape, base * lit[..., None], ROCKS)
+
+
+def _log(rng, img, lab, bx, by, length, thick, base: np.ndarray) -> None:
+    angle = rng.uniform(-0.4, 0.4)
+    c, s = np.cos(angle), np.sin(angle)
+    side = int(length * (abs(c) + abs(s))) + 3
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) - side / 2
+    u, v = x * c + y * s, -x * s + y * c
+    shape = (np.abs(u) < length / 2) & (np.abs(v) < thick / 2)
+    streak = 1 + 0.3 * np.cos(v / max(thick, 1) * np.pi) - 0.15 * (np.abs(u) > length / 2 - thick)
+    _paste(img, lab, int(bx - side / 2), int(by - side / 2), shape, base * streak[..., None], LOGS)
+
+
+def _paint(img: np.ndarray, lab: np.ndarray, where: np.ndarray, rgb: np.ndarray, raw: int) -> None:
+    img[where] = rgb[where]
+    lab[where] = raw
+
+
+def _patches(field: np.ndarray, region: np.ndarray, fraction: float) -> np.ndarray:
+    """The `fraction` of `region` where `field` is highest."""
+    return region & (field > np.quantile(field[region], 1 - fraction))
+
+
+def _sky(rng, img, lab, sky, rows, horizon) -> np.ndarray:
+    """Blue gradient paling towards the horizon, with clouds; returns the horizon haze colour."""
+    H, W = lab.shape
+    top, haze = _colour(rng, (80, 130, 200), 0.15), _colour(rng, (195, 210, 222), 0.06)
+    t = np.clip(rows / horizon, 0, 1)[..., None]
+    rgb = np.broadcast_to(top + (haze - top) * t ** 0.7, (H, W, 3))
+    cloud = np.clip((fractal(rng, H, W, 3, 4) - rng.uniform(0.5, 0.75)) * 4, 0, 1)[..., None]
+    _paint(img, lab, sky, rgb + (_colour(rng, (240, 240, 240), 0.04) - rgb) * cloud * 0.9, SKY)
+    return haze
+
+
+def _landscape(rng, img, lab, land, rows, skyline, horizon, ground, haze, near) -> None:
+    """Hazy mountains lit from one side above the horizon, a banded plain below it."""
+    H, W = lab.shape
+    far = _colour(rng, (140, 132, 140), 0.08)
+    depth = np.clip((rows - skyline.min()) / (ground.max() - skyline.min() + 1), 0, 1)[..., None]
+    slope = np.clip(np.gradient(skyline) * W / H, -1, 1) * rng.choice([-1, 1])
+    relief = np.where(rows < horizon, 1 + 0.15 * slope, 0.88 + 0.24 * noise(rng, H, W, H / 12, W / 30))
+    rgb = (far + (near - far) * depth ** 0.8) * (relief * (0.85 + 0.3 * fractal(rng, H, W, 6, 4)))[..., None]
+    _paint(img, lab, land, rgb + (haze - rgb) * 0.4 * (1 - depth), LANDSCAPE)
+
+
+def _ground(rng, img, lab, below, rows, horizon, ground, grass, near) -> None:
+    """Streaky dry grass with bare terrain (labelled Landscape), sandy background patches reaching
+    into the landscape band, and ground clutter."""
+    H, W = lab.shape
+    streaks = noise(rng, H, W, H / 10, W / 2.5) * (0.6 + 0.4 * fractal(rng, H, W, 4))
+    _paint(img, lab, below, grass * (0.75 + 0.45 * streaks)[..., None], GRASS)
+
+    bare = _patches(fractal(rng, H, W, rng.uniform(2, 4), 6), below, rng.uniform(0.05, 0.2))
+    _paint(img, lab, bare, near * (0.85 + 0.3 * fractal(rng, H, W, 10, 3))[..., None], LANDSCAPE)
+
+    sand = (0.6 * near + 0.4 * _colour(rng, (205, 185, 150), 0.05)) * rng.uniform(0.95, 1.1)
+    sand = (sand + rng.normal(0, 4, 3)).astype(np.float32)
+    reach = horizon + (ground - horizon) * (0.2 + 0.6 * _profile(rng, W, 6))
+    field = fractal(rng, H, W, rng.uniform(2, 5), 6) - np.clip((reach - rows) / (0.15 * H), 0, 1)  # fades above reach
+    patches = _patches(field, np.broadcast_to(rows > horizon, field.shape), rng.uniform(0.085, 0.2))
+    _paint(img, lab, patches, sand * (0.9 + 0.2 * fractal(rng, H, W, 12, 3))[..., None], BACKGROUND)
+
+    clutter = _patches(fractal(rng, H, W, H / 24, 2), below, rng.uniform(0.065, 0.22))
+    dark, pale = _colour(rng, (90, 75, 60), 0.12), _colour(rng, (150, 135, 115), 0.12)
+    rgb = dark + (pale - dark) * noise(rng, H, W, H / 8, W / 8)[..., None]
+    _paint(img, lab, clutter, rgb * (0.8 + 0.4 * noise(rng, H, W, H / 3, W / 3))[..., None], CLUTTER)
+
+
+def _flowers(rng, img, lab, horizon, ground) -> None:
+    """A few clusters of bright dots (raw id 600, not one of the report's classes)."""
+    H, W = lab.shape
+    for _ in range(rng.poisson(3)):
+        cx, cy = rng.uniform(0, W), rng.uniform(ground.mean(), H)
+        spread = H * 0.03 * (cy - horizon) / (H - horizon)
+        petal = _colour(rng, [(235, 205, 60), (170, 100, 180), (240, 240, 230)][rng.integers(3)], 0.08)
+        dots = np.zeros((H, W), np.uint8)
+        for px, py in zip(rng.normal(cx, spread, 40), rng.normal(cy, spread / 2, 40)):
+            cv2.circle(dots, (int(px), int(py)), max(1, round(H / 300)), 1, -1)
+        _paint(img, lab, dots > 0, np.broadcast_to(petal, img.shape), FLOWERS)
+
+
+def _objects(rng, img, lab, horizon, ground) -> None:
+    """Bushes, trees, rocks and logs standing on the ground, drawn far to near, bigger when nearer."""
+    H, W = lab.shape
+    lush, dry = _colour(rng, (110, 135, 65), 0.15), _colour(rng, (170, 140, 90), 0.1)
+    leaf, bark = _colour(rng, (70, 100, 50), 0.15), _colour(rng, (95, 75, 55), 0.1)
+    rock, wood = _colour(rng, (140, 128, 115), 0.12), _colour(rng, (125, 100, 75), 0.12)
+    veg = rng.uniform(0.4, 1.6)  # vegetation density of this scene
+    kinds = (["lush"] * rng.poisson(13 * veg) + ["dry"] * rng.poisson(3.5 * veg) + ["tree"] * rng.poisson(2.2 * veg)
+             + ["rock"] * rng.poisson(7) + ["log"] * rng.poisson(1.0))
+    placed = []
+    for kind in kinds:
+        bx = rng.uniform(0, W)
+        top = ground[min(int(bx), W - 1)]
+        placed.append((top + (H - top) * rng.uniform(0.02, 1.05) ** (0.6 if kind == "tree" else 1), bx, kind))
+    for by, bx, kind in sorted(placed):
+        p = 0.2 + (by - horizon) / (H - horizon)
+        if kind == "lush":
+            _bush(rng, img, lab, bx, by, H * rng.uniform(0.05, 0.12) * p, LUSH, lush * rng.uniform(0.85, 1.15))
+        elif kind == "dry":
+            _bush(rng, img, lab, bx, by, H * rng.uniform(0.045, 0.1) * p, DRY, dry * rng.uniform(0.85, 1.15))
+        elif kind == "tree":
+            _tree(rng, img, lab, bx, by, H * rng.uniform(0.08, 0.16) * p, leaf * rng.uniform(0.85, 1.15), bark)
+        elif kind == "rock":
+            _rock(rng, img, lab, bx, by, H * rng.uniform(0.035, 0.09) * p, rock * rng.uniform(0.85, 1.15))
+        else:
+            _log(rng, img, lab, bx, by, H * rng.uniform(0.12, 0.24) * p, max(1.5, H * 0.014 * p), wood)
+
+
+def generate(seed: int, split: str, index: int, width: int = 960, height: int = 540) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: np.ndarray uint8 [H, W, 3] and raw-id mask uint16 [H, W]."""
+    rng = image_rng(seed, split, index)
+    H, W = height, width
+    rows = np.arange(H, dtype=np.float32)[:, None]
+    img = np.zeros((H, W, 3), np.float32)
+    lab = np.zeros((H, W), np.uint16)
+
+    # Sky above the skyline, the landscape band down to the ground line, ground below.
+    horizon = H * rng.uniform(0.365, 0.465)
+    skyline = horizon - H * rng.uniform(0.05, 0.2) * _profile(rng, W, rng.integers(3, 10)).clip(0, 1) ** 1.3
+    ground = horizon + H * (rng.uniform(0.14, 0.22) + 0.05 * (_profile(rng, W, 5) - 0.5))
+    sky = rows < skyline
+    below = rows >= ground
+
+    haze = _sky(rng, img, lab, sky, rows, horizon)
+    grass, near = _colour(rng, (190, 165, 105), 0.08), _colour(rng, (182, 150, 112), 0.06)
+    near = near + (grass - near) * rng.uniform(0.2, 0.7)  # the plain fades into the dry grass
+    _landscape(rng, img, lab, ~sky & ~below, rows, skyline, horizon, ground, haze, near)
+    _ground(rng, img, lab, below, rows, horizon, ground, grass, near)
+    _flowers(rng, img, lab, horizon, ground)
+    _objects(rng, img, lab, horizon, ground)
+
+    # Lighting (brightness, warmth), lens softness and sensor noise.
+    warm = rng.uniform(-1, 1)
+    light = rng.uniform(0.8, 1.15) * np.array([1 + 0.06 * warm, 1, 1 - 0.08 * warm], np.float32)
+    img = cv2.GaussianBlur(img * light, (3, 3), rng.uniform(0.4, 0.9))
+    img += rng.normal(0, rng.uniform(3, 8), img.shape).astype(np.float32)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), lab
+
+
+def sample_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.png"
+
+
+def write_sample(root: Path, split: str, index: int, seed: int, width: int, height: int) -> None:
+    image, mask = generate(seed, split, index, width, height)
+    name = sample_name(split, index)
+    for folder, array in (("Color_Images", image[..., ::-1]), ("Segmentation", mask)):
+        if not cv2.imwrite(str(root / split / folder / name), array):
+            raise OSError(f"could not write {root / split / folder / name}")
+
+
+def write_dataset(root: str | Path, counts: dict[str, int], seed: int, width: int, height: int,
+                  workers: int = 1) -> None:
+    """Write `counts[split]` scenes per split under `root` in the real layout, with `workers` processes."""
+    root = Path(root)
+    for split in counts:
+        for folder in ("Color_Images", "Segmentation"):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+    splits = [split for split, n in counts.items() for _ in range(n)]
+    indices = [i for n in counts.values() for i in range(n)]
+    write = functools.partial(write_sample, root, seed=seed, width=width, height=height)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        done = pool.map(write, splits, indices, chunksize=4) if pool else map(write, splits, indices)
+        for _ in tqdm(done, total=len(splits), desc="synthesize", unit="img"):
+            pass
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)

@@ -1,0 +1,114 @@
+"""Shared test helpers: params files with overrides, a tiny synthetic dataset, a git + DVC copy of the repo."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stages.dataset import PreparedSplit, load_split, prepare_split
+from stages.params import Params, validate
+from stages.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough for seconds-long tests: synthetic scenes at 224x126, prepared at 112x56 (8x4 ViT tokens).
+TINY = {"data.image_size": [112, 56], "synthetic.train": 6, "synthetic.val": 3,
+        "synthetic.width": 224, "synthetic.height": 126}
+
+# The source report's train-split pixel counts per class (its table "Class Weights Used").
+REPORT_PIXELS = {"Sky": 132_501_218, "Landscape": 85_243_863, "Dry Grass": 66_295_865, "Lush Bushes": 21_002_552,
+                 "Background": 20_439_451, "Ground Clutter": 15_382_574, "Trees": 12_536_643, "Rocks": 4_199_770,
+                 "Dry Bushes": 3_864_657, "Logs": 275_319}
+
+
+def with_overrides(overrides: dict[str, Any] | None = None) -> dict:
+    """The repo's params.yaml as a dict, with dotted-key overrides ({"data.image_size": [112, 56]})."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in (overrides or {}).items():
+        *parents, last = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return raw
+
+
+def write_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Write the repo's params.yaml with dotted-key overrides to `path` (a file); return it."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(with_overrides(overrides), sort_keys=False))
+    return path
+
+
+def make_params(overrides: dict[str, Any] | None = None) -> Params:
+    """Validated Params: the repo's params.yaml with dotted-key overrides."""
+    return validate(with_overrides(overrides), "test params")
+
+
+@pytest.fixture
+def tiny_params() -> Params:
+    """Repo params with TINY overrides (synthetic 6 + 3 scenes at 224x126, image_size [112, 56])."""
+    return make_params(TINY)
+
+
+@dataclass(frozen=True)
+class TinyDataset:
+    root: Path  # raw PNGs: root/{train,val}/{Color_Images,Segmentation}/NAME.png (224x126, 16-bit raw-id masks)
+    prepared: Path  # prepared arrays: prepared/{train,val}/{images.npy, masks.npy, names.txt} (112x56)
+    params: Params  # repo params + TINY, with data.root = root
+    train: PreparedSplit  # 6 images
+    val: PreparedSplit  # 3 images
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> TinyDataset:
+    """A TinyDataset made once per session with stages.synthetic (seed 0) and stages.dataset.prepare_split.
+
+    Read-only: copy files before changing them. Every split holds Sky, Landscape and Dry Grass; rare
+    classes (Logs above all) may be absent at this size.
+    """
+    base = tmp_path_factory.mktemp("tiny")
+    params = make_params({**TINY, "data.root": str(base / "synthetic")})
+    cfg = params.synthetic
+    write_dataset(base / "synthetic", {"train": cfg.train, "val": cfg.val}, cfg.seed, cfg.width, cfg.height)
+    for split in ("train", "val"):
+        prepare_split(base / "synthetic", split, base / "prepared", params.data, workers=1)
+    return TinyDataset(base / "synthetic", base / "prepared", params,
+                       load_split(base / "prepared", "train"), load_split(base / "prepared", "val"))
+
+
+REPO_FILES = ["stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """A fresh git repository (one commit) holding the project's stages/, dvc.yaml, params.yaml and DVC
+    config, without data, dvc.lock or outputs: run real `dvc` commands in it with `run_dvc`."""
+    repo = tmp_path / "repo"
+    for name in REPO_FILES:
+        src, dst = REPO / name, repo / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "test copy"]):
+        subprocess.run(git + args, cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+def run_dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `repo` with this interpreter's environment first on PATH (stage commands call `python`)."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
