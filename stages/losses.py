@@ -1,0 +1,93 @@
+"""Segmentation losses: (class-weighted) cross-entropy, and focal + soft Dice for the rare classes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stages.errors import PipelineError
+from stages.params import Loss
+
+
+class CrossEntropy(nn.Module):
+    """Mean over non-ignored pixels, weighted by class as nn.CrossEntropyLoss does; computed in fp32."""
+
+    def __init__(self, weight: Tensor | None, ignore_index: int):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index)
+
+
+class FocalDice(nn.Module):
+    """focal_weight * focal + dice_weight * (1 - soft Dice).
+
+    Focal: sum of alpha_t (1 - p_t)^gamma (-log p_t) over non-ignored pixels divided by the sum of alpha_t
+    (alpha = class weights, or 1), so gamma = 0 is exactly the weighted cross-entropy.
+    Dice: per class 2 sum(p_k y_k) / (sum p_k + sum y_k) over the batch's non-ignored pixels, averaged over
+    the classes present in the target.
+    """
+
+    def __init__(self, weight: Tensor | None, ignore_index: int, gamma: float, focal_weight: float,
+                 dice_weight: float):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.ignore_index, self.gamma = ignore_index, gamma
+        self.focal_weight, self.dice_weight = focal_weight, dice_weight
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        K = logits.shape[1]
+        log_p = F.log_softmax(logits.float(), dim=1)
+        valid = target != self.ignore_index
+        t = torch.where(valid, target, 0)
+        log_pt = log_p.gather(1, t.unsqueeze(1)).squeeze(1)
+        pt = log_pt.exp()
+        alpha = valid.float() if self.weight is None else self.weight[t] * valid
+        focal = -(alpha * (1 - pt) ** self.gamma * log_pt).sum() / alpha.sum().clamp_min(1e-12)
+
+        labels, v = t[valid], valid.float()
+        intersection = torch.zeros(K, device=logits.device).index_add_(0, labels, pt[valid])
+        target_sum = torch.zeros(K, device=logits.device).index_add_(0, labels, v[valid])
+        prob_sum = (log_p.exp() * v.unsqueeze(1)).sum(dim=(0, 2, 3))
+        dice = 2 * intersection / (prob_sum + target_sum).clamp_min(1e-12)
+        present = (target_sum > 0).float()
+        dice_loss = ((1 - dice) * present).sum() / present.sum().clamp_min(1)
+        return self.focal_weight * focal + self.dice_weight * dice_loss
+
+
+def build_loss(loss: Loss, class_weights: Tensor | None, ignore_index: int) -> nn.Module:
+    """Module (logits [B, K, H, W], target int64 [B, H, W]) -> scalar; class weights used iff loss.class_weighted."""
+    if loss.class_weighted and class_weights is None:
+        raise PipelineError("loss.class_weighted is true but no class weights were given")
+    weight = class_weights.float() if loss.class_weighted else None
+    if loss.name == "cross_entropy":
+        return CrossEntropy(weight, ignore_index)
+    return FocalDice(weight, ignore_index, loss.focal_gamma, loss.focal_weight, loss.dice_weight)
+
+
+def load_class_weights(path: str | Path, class_names: list[str]) -> Tensor:
+    """float32 [K] in class index order, from data/class_weights.json."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found (run `dvc repro class_weights`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("classes") != list(class_names):
+        found = data.get("classes") if isinstance(data, dict) else None
+        raise PipelineError(f"{path}: classes {found} differ from params.yaml {list(class_names)} "
+                            "(rerun `dvc repro class_weights`)")
+    weights = data.get("weights")
+    values = [weights.get(name) if isinstance(weights, dict) else None for name in class_names]
+    bad = [name for name, w in zip(class_names, values)
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
+    if bad:
+        raise PipelineError(f"{path}: 'weights' lacks a finite non-negative number for {bad}")
+    return torch.tensor(values, dtype=torch.float32)
