@@ -1,0 +1,58 @@
+"""Evaluate throughput (images/s) of stages.evaluate.evaluate at the params.yaml image size.
+
+    python -m bench.evaluate [--images 16] [--device cpu] [--no-amp]
+
+Random images and masks and an untrained head: the cost is the model, loss and confusion matrix,
+not the scores.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from stages.dataset import PreparedSplit
+from stages.evaluate import evaluate
+from stages.losses import build_loss
+from stages.model import build_model
+from stages.params import load_params
+from stages.runtime import configure_threads, resolve_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--device", help="default: params train.device")
+    parser.add_argument("--no-amp", action="store_true", help="fp32 instead of params train.amp")
+    args = parser.parse_args()
+    configure_threads()
+    params = load_params()
+    data, batch = params.data, params.evaluate.batch_size
+    device = resolve_device(args.device or params.train.device)
+    amp = params.train.amp and not args.no_amp
+    w, h = data.image_size
+    rng = np.random.default_rng(0)
+    split = PreparedSplit(rng.integers(0, 256, (args.images, h, w, 3), dtype=np.uint8),
+                          rng.integers(0, data.num_classes, (args.images, h, w), dtype=np.uint8),
+                          [f"{i}" for i in range(args.images)])
+    segmenter = build_model(params.model, data.num_classes).to(device)
+    loss_fn = build_loss(params.loss, torch.ones(data.num_classes, device=device), data.ignore_index)
+
+    def run(s: PreparedSplit) -> None:
+        evaluate(segmenter, s, loss_fn, device, amp, batch, data.num_classes, data.ignore_index)
+
+    run(PreparedSplit(split.images[:batch], split.masks[:batch], split.names[:batch]))  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(split)  # ends with a copy to the CPU, so the clock includes the device work
+    seconds = time.perf_counter() - start
+    print(f"evaluate: {args.images / seconds:.2f} images/s ({args.images} images {w}x{h}, batch {batch}, "
+          f"{device}, {'bf16 autocast' if amp else 'fp32'}, {params.model.backbone} + {params.model.head} head, "
+          f"{torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Segment any folder of images with a trained checkpoint (not a pipeline stage).
+
+    python -m stages.predict --images DIR --out DIR [--masks DIR] [--checkpoint PATH]
+
+Writes OUT/masks/NAME.png (colour mask at the source size) and OUT/overlays/NAME.png (image | overlay).
+With ground-truth masks (--masks, or a Segmentation/ folder beside DIR) it also scores the predictions
+at the source size and writes OUT/metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stages import artifacts
+from stages.dataset import class_lut, map_mask, read_image, read_mask
+from stages.errors import PipelineError, run_cli
+from stages.metrics import confusion_matrix, format_summary, rounded, summarize
+from stages.model import Segmenter, load_segmenter
+from stages.params import load_params
+from stages.runtime import autocast, configure_threads, resolve_device
+from stages.visualize import colorize, overlay
+
+CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class PredictError(PipelineError):
+    pass
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise PredictError(f"{folder}: not a folder of images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise PredictError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return images
+
+
+def mask_paths(images: list[Path], masks_dir: Path) -> list[Path]:
+    """The ground-truth mask of each image: same file name, or same stem as .png."""
+    if not masks_dir.is_dir():
+        raise PredictError(f"{masks_dir}: mask folder not found")
+    found = [masks_dir / p.name if (masks_dir / p.name).is_file() else masks_dir / f"{p.stem}.png" for p in images]
+    missing = [p.name for p in found if not p.is_file()]
+    if missing:
+        raise PredictError(f"{masks_dir}: no mask for {len(missing)} image(s), e.g. {missing[:5]}")
+    return found
+
+
+def segment(segmenter: Segmenter, image: np.ndarray, size: tuple[int, int], device: torch.device,
+            amp: bool) -> np.ndarray:
+    """Class ids [H, W] uint8 at the image's own size: model at `size` (w, h), nearest upsampling back."""
+    h, w = image.shape[:2]
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    with torch.inference_mode(), autocast(device, amp):
+        logits = segmenter(torch.from_numpy(resized)[None].to(device))
+    pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    return cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise PredictError(f"{path}: PNG encoding failed")
+    with artifacts.atomic_path(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder of .png/.jpg images")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--masks", type=Path, help="ground-truth masks (default: Segmentation/ beside --images)")
+    parser.add_argument("--checkpoint", type=Path, help="head checkpoint (default: per params train.checkpoint)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_threads()
+    params = load_params(args.params)
+    data, names = params.data, params.data.class_names
+    images = list_images(args.images)
+    sibling = args.images.parent / "Segmentation"
+    masks_dir = args.masks or (sibling if sibling.is_dir() else None)
+    masks = mask_paths(images, masks_dir) if masks_dir else None
+    device = resolve_device(params.train.device)
+    checkpoint = args.checkpoint or CHECKPOINTS[params.train.checkpoint]
+    segmenter, _ = load_segmenter(checkpoint, params.model, names, device)
+
+    lut = class_lut(data)
+    cm = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
+    for i, path in enumerate(tqdm(images, desc="predict", unit="img")):
+        image = read_image(path)
+        pred = segment(segmenter, image, tuple(data.image_size), device, params.train.amp)
+        write_png(args.out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))
+        side_by_side = np.hstack([image, overlay(image, pred, data.num_classes)])
+        write_png(args.out / "overlays" / f"{path.stem}.png", side_by_side)
+        if masks:
+            target = map_mask(read_mask(masks[i]), lut, masks[i])
+            if target.shape != pred.shape:
+                raise PredictError(f"{masks[i]}: mask is {target.shape[::-1]}, image {path} is {pred.shape[::-1]}")
+            cm += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), data.num_classes,
+                                   data.ignore_index)
+    print(f"predict: wrote {len(images)} masks and overlays to {args.out}/ using {checkpoint}")
+    if masks:
+        summary = summarize(cm, names)
+        artifacts.write_json(args.out / "metrics.json",
+                             rounded({"checkpoint": str(checkpoint), "images": len(images), **summary}))
+        print(f"scored against {masks_dir}:\n{format_summary(summary)}", end="")
+
+
+if __name__ == "__main__":
+    run_cli(main)

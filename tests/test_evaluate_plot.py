@@ -1,0 +1,281 @@
+import csv
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from stages import evaluate, plot, predict
+from stages.dataset import class_lut, map_mask, read_mask
+from stages.errors import PipelineError
+from stages.model import build_model, head_checkpoint
+from stages.params import load_params
+from stages.visualize import IGNORE_COLOR, PALETTE, colorize, overlay, palette
+from tests.conftest import TINY, write_params
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAMES = ["Background", "Trees", "Lush Bushes", "Dry Grass", "Dry Bushes", "Ground Clutter", "Logs", "Rocks",
+         "Landscape", "Sky"]
+
+
+def write_csv(path: Path, rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def fabricate_plot_inputs(root: Path, epochs: int = 6, examples: int = 2) -> None:
+    """Train and evaluate outputs in their real formats, with made-up numbers."""
+    rng = np.random.default_rng(0)
+    history = [["epoch", "train_loss", "val_loss", "train_iou", "val_iou", "train_dice", "val_dice", "train_acc",
+                "val_acc", "lr"]]
+    for e in range(1, epochs + 1):
+        t = 1 - math.exp(-e / 2)
+        history.append([e, 0.9 - 0.3 * t, 0.8 - 0.2 * t, 0.3 + 0.1 * t, 0.3 + 0.1 * t - 0.01 * (e == epochs),
+                        0.45 + 0.1 * t, 0.47 + 0.1 * t, 0.7 + 0.04 * t, 0.71 + 0.04 * t,
+                        5e-4 * 0.5 * (1 + math.cos(math.pi * (e - 1) / epochs))])
+    write_csv(root / plot.HISTORY, history)
+    ious = rng.uniform(0.05, 0.95, len(NAMES))
+    write_csv(root / plot.PER_CLASS, [list(plot.PER_CLASS_COLUMNS)] +
+              [[n, i, 2 * i / (1 + i), i, i, 0.1] for n, i in zip(NAMES, ious)])
+    cm = rng.integers(0, 500, (10, 10)) + 5000 * np.eye(10, dtype=np.int64)
+    cm[6] = 0  # Logs absent
+    write_csv(root / plot.CONFUSION, [["truth/prediction", *NAMES], *([n, *r] for n, r in zip(NAMES, cm.tolist()))])
+    stats = {n: {"pixels": int(p), "share": float(p / 1e6), "weight": float(1e3 / p)}
+             for n, p in zip(NAMES, rng.integers(500, 300_000, 10))}
+    (root / plot.CLASS_STATS).parent.mkdir(parents=True, exist_ok=True)
+    (root / plot.CLASS_STATS).write_text(json.dumps(stats))
+    masks = rng.integers(0, 10, (examples, 28, 56)).astype(np.uint8)
+    masks[:, :2] = 255
+    np.savez(root / plot.EXAMPLES, images=rng.integers(0, 256, (examples, 28, 56, 3), dtype=np.uint8), masks=masks,
+             preds=rng.integers(0, 10, (examples, 28, 56)).astype(np.uint8),
+             names=np.array([f"{i:04d}.png" for i in range(examples)]))
+
+
+@pytest.fixture
+def plot_dir(tmp_path, monkeypatch):
+    write_params(tmp_path / "params.yaml")
+    fabricate_plot_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_plot_writes_valid_deterministic_pngs(plot_dir):
+    plot.main()
+    files = sorted(p.name for p in (plot_dir / plot.OUT).iterdir())
+    assert files == ["all_metrics_curves.png", "class_distribution.png", "confusion_matrix.png", "lr_schedule.png",
+                     "per_class_iou.png", "predictions.png"]
+    first = {}
+    for name in files:
+        path = plot_dir / plot.OUT / name
+        first[name] = path.read_bytes()
+        assert first[name].startswith(PNG_SIGNATURE)
+        with Image.open(path) as im:
+            im.load()
+            w, h = im.size
+            assert 500 <= w <= 2500 and 300 <= h <= 2500, (name, im.size)
+            assert len(np.unique(np.asarray(im.convert("L")))) > 10, name  # something was drawn
+        assert b"Software" not in first[name] and b"matplotlib" not in first[name]
+    plot.main()
+    assert all((plot_dir / plot.OUT / n).read_bytes() == b for n, b in first.items())
+
+
+def test_plot_dpi_comes_from_params(plot_dir):
+    write_params(plot_dir / "params.yaml", {"plot.dpi": 30})
+    plot.main()
+    with Image.open(plot_dir / plot.OUT / "lr_schedule.png") as im:
+        assert im.size == (7 * 30, 4 * 30)  # the 7x4 inch figure
+
+
+def test_plot_names_missing_or_mismatched_inputs(plot_dir):
+    (plot_dir / plot.HISTORY).unlink()
+    with pytest.raises(PipelineError, match="history.csv: not found"):
+        plot.main()
+    fabricate_plot_inputs(plot_dir)
+    write_csv(plot_dir / plot.PER_CLASS, [["class", "iou"], ["Sky", 0.9]])
+    with pytest.raises(PipelineError, match=r"per_class.csv: missing columns \['dice'"):
+        plot.main()
+    fabricate_plot_inputs(plot_dir)
+    stats = json.loads((plot_dir / plot.CLASS_STATS).read_text())
+    stats["Flowers"] = stats.pop("Logs")
+    (plot_dir / plot.CLASS_STATS).write_text(json.dumps(stats))
+    with pytest.raises(PipelineError, match=r"class_stats.json: classes \['Flowers'\] are not in params"):
+        plot.main()
+
+
+def test_colorize_and_overlay():
+    mask = np.array([[0, 1, 9], [6, 255, 3]], dtype=np.uint8)
+    rgb = colorize(mask)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
+    np.testing.assert_array_equal(rgb[0], PALETTE[[0, 1, 9]])
+    np.testing.assert_array_equal(rgb[1], [PALETTE[6], IGNORE_COLOR, PALETTE[3]])
+    image = np.full((2, 3, 3), 200, dtype=np.uint8)
+    out = overlay(image, mask, alpha=0.5)
+    np.testing.assert_array_equal(out[1, 1], image[1, 1])  # ignored pixel keeps the image
+    np.testing.assert_array_equal(out[0, 0], np.round((200 + PALETTE[0].astype(float)) / 2))
+    assert len({tuple(c) for c in palette(14)}) == 14  # extra classes get their own colours
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    # Tiny forwards: two threads only add contention on a shared 2-core machine (stages call configure_threads).
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_dataset, monkeypatch, one_thread):
+    """A project folder after `train` on the tiny dataset: random heads saved as best (epoch 2) and final (epoch 3)."""
+    params = load_params(write_params(tmp_path / "params.yaml", {
+        **TINY, "data.root": str(tiny_dataset.root), "train.device": "cpu", "train.amp": False,
+        "evaluate.batch_size": 2, "evaluate.examples": 2, "plot.dpi": 30}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/prepared").symlink_to(tiny_dataset.prepared)
+    names = params.data.class_names
+    weights = {n: 0.5 + 0.25 * i for i, n in enumerate(names)}
+    (tmp_path / "data/class_weights.json").write_text(json.dumps({
+        "method": "inverse_frequency", "max_weight": 5.0, "classes": names, "counts": {n: 1 for n in names},
+        "shares": {n: 0.1 for n in names}, "weights": weights}))
+    (tmp_path / "models").mkdir()
+    for seed, epoch, name in [(1, 2, "best"), (2, 3, "final")]:
+        torch.manual_seed(seed)
+        segmenter = build_model(params.model, params.data.num_classes)
+        torch.save(head_checkpoint(segmenter, params, epoch, 0.1), tmp_path / f"models/{name}.pt")
+    fabricate_plot_inputs(tmp_path, epochs=3)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, params, torch.tensor(list(weights.values()))
+
+
+def reference_scores(params, split, weights, batch_size):
+    """Predictions, per-image-weighted loss and per-class IoU of models/best.pt, without stages.metrics."""
+    segmenter = evaluate.load_segmenter(Path("models/best.pt"), params.model, params.data.class_names, "cpu")[0]
+    with torch.no_grad():
+        logits = segmenter(torch.from_numpy(np.array(split.images)))
+    target = torch.from_numpy(np.array(split.masks)).long()
+    loss = sum(F.cross_entropy(logits[i:i + batch_size], target[i:i + batch_size], weight=weights, ignore_index=255)
+               * len(target[i:i + batch_size]) for i in range(0, len(target), batch_size)) / len(target)
+    pred, gt = logits.argmax(1).numpy(), target.numpy()
+    valid = gt != 255
+    ious = {}
+    for c, name in enumerate(params.data.class_names):
+        if (gt[valid] == c).any():
+            ious[name] = ((pred == c) & (gt == c)).sum() / (((pred == c) | (gt == c)) & valid).sum()
+    return pred, float(loss), ious, (pred == gt)[valid].mean()
+
+
+def test_evaluate_writes_dataset_level_metrics_then_plot_draws_them(trained, tiny_dataset):
+    root, params, weights = trained
+    evaluate.main()
+    report = json.loads((root / evaluate.METRICS).read_text())
+    assert (report["checkpoint"], report["epoch"], report["split"], report["images"]) == ("models/best.pt", 2, "val", 3)
+    pred, loss, ious, accuracy = reference_scores(params, tiny_dataset.val, weights, batch_size=2)
+    assert report["loss"] == pytest.approx(loss, abs=1e-5)
+    assert report["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-5)
+    assert report["miou"] == pytest.approx(np.mean(list(ious.values())), abs=1e-5)
+    for name, c in report["per_class"].items():
+        if name in ious:
+            assert c["iou"] == pytest.approx(ious[name], abs=1e-5)
+        else:
+            assert c["iou"] is None and c["pixel_share"] == 0.0
+
+    with open(root / evaluate.PER_CLASS, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == sorted(ious, key=lambda n: -ious[n])
+    assert all(float(r["iou"]) == report["per_class"][r["class"]]["iou"] for r in rows)
+    cm, cm_names = plot.read_confusion(root / evaluate.CONFUSION)
+    assert cm_names == params.data.class_names
+    assert cm.sum() == (np.array(tiny_dataset.val.masks) != 255).sum()
+    with np.load(root / evaluate.EXAMPLES) as z:
+        np.testing.assert_array_equal(z["images"], tiny_dataset.val.images[:2])
+        np.testing.assert_array_equal(z["masks"], tiny_dataset.val.masks[:2])
+        np.testing.assert_array_equal(z["preds"], pred[:2])
+        assert list(z["names"]) == tiny_dataset.val.names[:2]
+    examples_bytes = (root / evaluate.EXAMPLES).read_bytes()
+    table = (root / evaluate.TABLE).read_text()
+    table_miou = next(float(line.split()[-1]) for line in table.splitlines() if line.startswith("Mean IoU"))
+    assert table_miou == pytest.approx(report["miou"], abs=1e-4)
+    assert "    3*" in table  # best epoch of the history
+
+    evaluate.main()
+    assert (root / evaluate.EXAMPLES).read_bytes() == examples_bytes
+    plot.main()
+    assert len(list((root / plot.OUT).glob("*.png"))) == 6
+
+
+def test_evaluate_uses_the_checkpoint_params_choose(trained):
+    root, _, _ = trained
+    write_params(root / "params.yaml", {**TINY, "train.device": "cpu", "train.checkpoint": "final",
+                                        "evaluate.examples": 0})
+    evaluate.main()
+    report = json.loads((root / evaluate.METRICS).read_text())
+    assert (report["checkpoint"], report["epoch"]) == ("models/final.pt", 3)
+    with np.load(root / evaluate.EXAMPLES) as z:
+        assert z["images"].shape == (0, 56, 112, 3)
+    (root / "models/final.pt").unlink()
+    with pytest.raises(PipelineError, match="final.pt: checkpoint not found"):
+        evaluate.main()
+
+
+def decode_colors(rgb: np.ndarray) -> np.ndarray:
+    """Colour mask -> class ids (255 where the colour is not a class colour)."""
+    ids = np.full(rgb.shape[:2], 255, np.uint8)
+    for c, color in enumerate(PALETTE):
+        ids[(rgb == color).all(-1)] = c
+    return ids
+
+
+def test_predict_writes_one_mask_per_image_and_scores_them(trained, tiny_dataset, capsys):
+    root, params, _ = trained
+    images = tiny_dataset.root / "val" / "Color_Images"
+    predict.main(["--images", str(images), "--out", "out"])
+    sources = sorted(images.glob("*.png"))
+    assert sorted(p.name for p in (root / "out/masks").iterdir()) == [p.name for p in sources]
+    assert sorted(p.name for p in (root / "out/overlays").iterdir()) == [p.name for p in sources]
+    segmenter = evaluate.load_segmenter(Path("models/best.pt"), params.model, params.data.class_names, "cpu")[0]
+    assert tiny_dataset.val.names == [p.name for p in sources]
+    lut, correct, total = class_lut(params.data), 0, 0
+    for src, prepared in zip(sources, tiny_dataset.val.images):
+        with Image.open(src) as im:
+            w, h = im.size
+        with Image.open(root / "out/masks" / src.name) as im:
+            assert im.size == (w, h)
+            pred = decode_colors(np.asarray(im.convert("RGB")))
+        with Image.open(root / "out/overlays" / src.name) as im:
+            assert im.size == (2 * w, h)
+        with torch.no_grad():  # the model sees the image as prepare resizes it; its output is scaled back by nearest
+            small = segmenter(torch.from_numpy(np.array(prepared))[None]).argmax(1)[0].to(torch.uint8).numpy()
+        assert len(np.unique(small)) > 1
+        np.testing.assert_array_equal(pred, cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST))
+        gt = map_mask(read_mask(tiny_dataset.root / "val/Segmentation" / src.name), lut, src)
+        correct += (pred == gt)[gt != 255].sum()
+        total += (gt != 255).sum()
+    metrics = json.loads((root / "out/metrics.json").read_text())  # Segmentation/ beside the images
+    assert metrics["images"] == len(sources)
+    assert metrics["pixel_accuracy"] == pytest.approx(correct / total, abs=1e-5)
+    assert "Mean IoU" in capsys.readouterr().out
+
+
+def test_predict_without_masks_and_bad_input(trained, tiny_dataset):
+    root, _, _ = trained
+    folder = root / "photos"
+    folder.mkdir()
+    with pytest.raises(PipelineError, match="photos: no images"):
+        predict.main(["--images", str(folder), "--out", "out"])
+    with Image.open(next((tiny_dataset.root / "val/Color_Images").glob("*.png"))) as im:
+        im.crop((0, 0, 90, 50)).convert("RGB").save(folder / "scene.jpg")
+    predict.main(["--images", str(folder), "--out", "out"])
+    assert [p.name for p in (root / "out/masks").iterdir()] == ["scene.png"]
+    with Image.open(root / "out/masks/scene.png") as im:
+        assert im.size == (90, 50)
+    assert not (root / "out/metrics.json").exists()
+    with pytest.raises(PipelineError, match="nope.pt: checkpoint not found"):
+        predict.main(["--images", str(folder), "--out", "out", "--checkpoint", "models/nope.pt"])
+    with pytest.raises(PipelineError, match="no mask for 1 image"):
+        predict.main(["--images", str(folder), "--out", "out", "--masks", str(root / "models")])

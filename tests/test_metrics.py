@@ -1,0 +1,143 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stages.metrics import confusion_matrix, epoch_scores, format_summary, rounded, summarize
+
+IGNORE = 255
+
+
+def brute_force(pred: np.ndarray, target: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
+    """Pixel-by-pixel counts and per-class scores written out longhand (None = class absent)."""
+    cm = np.zeros((k, k), dtype=np.int64)
+    for p, t in zip(pred.ravel().tolist(), target.ravel().tolist()):
+        if t != IGNORE:
+            cm[t, p] += 1
+    scores = {}
+    for c in range(k):
+        tp = fp = fn = 0
+        for p, t in zip(pred.ravel().tolist(), target.ravel().tolist()):
+            if t == IGNORE:
+                continue
+            tp += p == c and t == c
+            fp += p == c and t != c
+            fn += p != c and t == c
+        if tp + fn == 0:
+            scores[c] = None
+        else:
+            scores[c] = {"iou": tp / (tp + fp + fn), "dice": 2 * tp / (2 * tp + fp + fn),
+                         "precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn)}
+    return cm, scores
+
+
+def test_confusion_matrix_and_summary_match_brute_force():
+    rng = np.random.default_rng(0)
+    k = 6
+    target = rng.integers(0, 4, size=(3, 11, 7))         # classes 4 and 5 never in the ground truth
+    target[rng.random(target.shape) < 0.2] = IGNORE
+    pred = rng.integers(0, 5, size=target.shape)           # class 4 predicted although absent
+    cm_ref, scores = brute_force(pred, target, k)
+
+    cm = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), k, IGNORE)
+    assert cm.dtype == torch.int64 and cm.device == torch.device("cpu")
+    np.testing.assert_array_equal(cm.numpy(), cm_ref)
+
+    names = [f"c{i}" for i in range(k)]
+    s = summarize(cm, names)
+    present = [c for c in range(k) if scores[c] is not None]
+    assert present == [0, 1, 2, 3]
+    for c in range(k):
+        got = s["per_class"][names[c]]
+        if scores[c] is None:
+            assert {got[m] for m in ("iou", "dice", "precision", "recall")} == {None}
+            assert got["pixel_share"] == 0.0
+        else:
+            for m, v in scores[c].items():
+                assert got[m] == pytest.approx(v, abs=1e-12), (c, m)
+    valid = target != IGNORE
+    assert s["pixel_accuracy"] == pytest.approx((pred == target)[valid].mean())
+    assert s["miou"] == pytest.approx(np.mean([scores[c]["iou"] for c in present]))
+    assert s["mdice"] == pytest.approx(np.mean([scores[c]["dice"] for c in present]))
+    assert s["mean_class_accuracy"] == pytest.approx(np.mean([scores[c]["recall"] for c in present]))
+    shares = [s["per_class"][n]["pixel_share"] for n in names]
+    assert shares == pytest.approx([(target[valid] == c).mean() for c in range(k)])
+    assert epoch_scores(cm) == pytest.approx((s["miou"], s["mdice"], s["pixel_accuracy"]))
+
+
+def test_accumulating_batches_equals_one_matrix():
+    rng = np.random.default_rng(1)
+    pred = torch.from_numpy(rng.integers(0, 4, size=(5, 9, 8)))
+    target = torch.from_numpy(rng.integers(0, 4, size=(5, 9, 8)))
+    total = sum(confusion_matrix(pred[i:i + 2], target[i:i + 2], 4, IGNORE) for i in range(0, 5, 2))
+    assert torch.equal(total, confusion_matrix(pred, target, 4, IGNORE))
+
+
+def reference_batch_miou(batches: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> float:
+    """The reference script: per-batch nanmean of per-class IoU, then the mean over batches."""
+    per_batch = []
+    for pred, target in batches:
+        ious = []
+        for c in range(k):
+            inter = ((pred == c) & (target == c)).sum().item()
+            union = ((pred == c) | (target == c)).sum().item()
+            ious.append(inter / union if union else float("nan"))
+        per_batch.append(np.nanmean(ious))
+    return float(np.mean(per_batch))
+
+
+def test_dataset_level_miou_differs_from_reference_per_batch_average():
+    # Batch A: 8 Background pixels, all right. Batch B: 2 Background + 2 Trees, everything predicted Background.
+    a = (torch.zeros(1, 2, 4, dtype=torch.long), torch.zeros(1, 2, 4, dtype=torch.long))
+    b = (torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([[[0, 1], [0, 1]]]))
+    assert reference_batch_miou([a, b], 2) == pytest.approx((1.0 + (0.5 + 0.0) / 2) / 2)  # 0.625
+
+    cm = confusion_matrix(*a, 2, IGNORE) + confusion_matrix(*b, 2, IGNORE)
+    assert cm.tolist() == [[10, 0], [2, 0]]
+    miou = summarize(cm, ["Background", "Trees"])["miou"]
+    assert miou == pytest.approx((10 / 12 + 0 / 2) / 2)  # IoU over the whole split: 0.4167
+    assert epoch_scores(cm)[0] == pytest.approx(miou)
+    assert abs(miou - reference_batch_miou([a, b], 2)) > 0.2
+
+
+def test_ignore_index_pixels_never_count():
+    target = torch.tensor([[0, 1, IGNORE, IGNORE]])
+    cm_a = confusion_matrix(torch.tensor([[0, 1, 0, 0]]), target, 2, IGNORE)
+    cm_b = confusion_matrix(torch.tensor([[0, 1, 1, 1]]), target, 2, IGNORE)
+    assert cm_a.tolist() == cm_b.tolist() == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("pred,target", [([[0, 2]], [[0, 1]]), ([[0, 1]], [[0, 2]])])
+def test_out_of_range_ids_are_rejected(pred, target):
+    with pytest.raises(ValueError, match="outside 0..1"):
+        confusion_matrix(torch.tensor(pred), torch.tensor(target), 2, IGNORE)
+
+
+def test_summarize_nulls_and_json():
+    # Trees never in the ground truth but predicted; Rocks present but never predicted.
+    cm = torch.tensor([[5, 1, 0], [0, 0, 0], [2, 0, 0]])
+    s = summarize(cm, ["Background", "Trees", "Rocks"])
+    assert s["per_class"]["Trees"] == {"iou": None, "dice": None, "precision": None, "recall": None, "pixel_share": 0.0}
+    assert s["per_class"]["Rocks"] == {"iou": 0.0, "dice": 0.0, "precision": 0.0, "recall": 0.0, "pixel_share": 0.25}
+    assert s["miou"] == pytest.approx((5 / 8 + 0.0) / 2)  # Trees left out of the mean, not counted as 0 or 1
+    assert s["mdice"] == pytest.approx((10 / 13 + 0.0) / 2)
+    assert s["mean_class_accuracy"] == pytest.approx((5 / 6 + 0.0) / 2)
+    json.dumps(s, allow_nan=False)
+
+    empty = summarize(torch.zeros(2, 2, dtype=torch.int64), ["a", "b"])
+    assert empty["miou"] is empty["mdice"] is empty["pixel_accuracy"] is empty["mean_class_accuracy"] is None
+    assert all(math.isnan(v) for v in epoch_scores(torch.zeros(2, 2, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="2 class names"):
+        summarize(cm, ["a", "b"])
+
+
+def test_rounded_and_table():
+    s = summarize(torch.tensor([[3, 1, 0], [1, 5, 0], [0, 0, 0]]), ["Sky", "Logs", "Trees"])
+    r = rounded(s, 3)
+    assert r["miou"] == round(s["miou"], 3) and r["per_class"]["Trees"]["iou"] is None
+    lines = format_summary(s).splitlines()
+    rows = [line.split()[0] for line in lines[lines.index("") + 2:]]
+    assert rows == ["Logs", "Sky", "Trees"]  # best IoU first (5/7 > 3/5), absent class last
+    assert "—" in lines[-1]
