@@ -134,7 +134,8 @@ def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data,
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
         try:
             results = pool.map(load, *sources, chunksize=8) if pool else map(load, *sources)
-            for i, (image, mask) in enumerate(tqdm(results, total=len(pairs), desc=f"prepare {split}", unit="img")):
+            bar = tqdm(results, total=len(pairs), desc=f"prepare {split}", unit="img", disable=None)
+            for i, (image, mask) in enumerate(bar):
                 images[i], masks[i] = image, mask
         finally:
             if pool:

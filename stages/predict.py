@@ -22,7 +22,7 @@ from stages.errors import PipelineError, run_cli
 from stages.metrics import confusion_matrix, format_summary, rounded, summarize
 from stages.model import Segmenter, load_segmenter
 from stages.params import load_params
-from stages.runtime import autocast, configure_threads, resolve_device
+from stages.runtime import autocast, configure_cpu, resolve_device
 from stages.visualize import colorize, overlay
 
 CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_threads()
+    configure_cpu()
     params = load_params(args.params)
     data, names = params.data, params.data.class_names
     images = list_images(args.images)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lut = class_lut(data)
     cm = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
-    for i, path in enumerate(tqdm(images, desc="predict", unit="img")):
+    for i, path in enumerate(tqdm(images, desc="predict", unit="img", disable=None)):
         image = read_image(path)
         pred = segment(segmenter, image, tuple(data.image_size), device, params.train.amp)
         write_png(args.out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))

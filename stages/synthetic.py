@@ -276,7 +276,7 @@ def write_dataset(root: str | Path, counts: dict[str, int], seed: int, width: in
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         done = pool.map(write, splits, indices, chunksize=4) if pool else map(write, splits, indices)
-        for _ in tqdm(done, total=len(splits), desc="synthesize", unit="img"):
+        for _ in tqdm(done, total=len(splits), desc="synthesize", unit="img", disable=None):
             pass
     finally:
         if pool:

@@ -83,14 +83,19 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
                        load_split(base / "prepared", "train"), load_split(base / "prepared", "val"))
 
 
-REPO_FILES = ["stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+REPO_FILES = ["stages", "experiments", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+              ".gitignore"]
 
 
-@pytest.fixture
-def repo_copy(tmp_path) -> Path:
-    """A fresh git repository (one commit) holding the project's stages/, dvc.yaml, params.yaml and DVC
-    config, without data, dvc.lock or outputs: run real `dvc` commands in it with `run_dvc`."""
-    repo = tmp_path / "repo"
+def git(repo: Path, *args: str) -> str:
+    """`git ARGS` in `repo` with a fixed identity; returns stdout, raises on failure."""
+    cmd = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def copy_repo(repo: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Copy the project's stages/, experiments/, dvc.yaml, params.yaml (with dotted-key `overrides`) and DVC
+    config into a fresh git repository at `repo` with one commit; no data, dvc.lock or outputs."""
     for name in REPO_FILES:
         src, dst = REPO / name, repo / name
         if src.is_dir():
@@ -98,10 +103,18 @@ def repo_copy(tmp_path) -> Path:
         elif src.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+    if overrides:
+        write_params(repo / "params.yaml", overrides)
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "test copy"]):
-        subprocess.run(git + args, cwd=repo, check=True, capture_output=True)
+        git(repo, *args)
     return repo
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """A fresh git repository (one commit) holding the project's stages/, dvc.yaml, params.yaml and DVC
+    config, without data, dvc.lock or outputs: run real `dvc` commands in it with `run_dvc`."""
+    return copy_repo(tmp_path / "repo")
 
 
 def run_dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

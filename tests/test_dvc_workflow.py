@@ -1,0 +1,290 @@
+"""The DVC workflow end to end: exact stage dependencies, Phase 1 / Phase 2 as named experiments, and the
+real `dvc` CLI in a git + DVC copy of the project with tiny params (repro, exp run, queue, metrics / params /
+plots diff, remote push and pull)."""
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import load_params, validate
+from tests.conftest import REPO, TINY, copy_repo, git, run_dvc, with_overrides, write_params
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = list(DVC_YAML["stages"])
+PHASE1_ARGS = REPO / "experiments/phase1.args"
+# TINY data, 2 epochs, 2 example images: the whole pipeline in seconds.
+TINY_RUN = {**TINY, "train.epochs": 2, "train.batch_size": 2, "train.num_workers": 0, "evaluate.examples": 2,
+            "prepare.workers": 1}
+
+
+def entry_module(stage: str) -> str:
+    match = re.fullmatch(r"python -m (stages\.\w+)", DVC_YAML["stages"][stage]["cmd"])
+    assert match, f"stage {stage}: cmd is not `python -m stages.NAME`"
+    return match.group(1)
+
+
+def import_closure(module: str) -> set[str]:
+    """Files of the `stages` package that `module` imports, transitively, itself included."""
+    files, todo = set(), [module]
+    while todo:
+        path = todo.pop().replace(".", "/") + ".py"
+        if path in files:
+            continue
+        files.add(path)
+        for node in ast.walk(ast.parse((REPO / path).read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("stages.")]
+            elif isinstance(node, ast.ImportFrom):
+                target = "stages" + (f".{node.module}" if node.module else "") if node.level else node.module
+                if target == "stages":  # from stages import artifacts, metrics
+                    todo += [f"stages.{a.name}" for a in node.names]
+                elif target.startswith("stages."):
+                    todo.append(target)
+    return files
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_code_deps_are_exactly_its_import_closure(stage):
+    deps = DVC_YAML["stages"][stage]["deps"]
+    code = {d for d in deps if d.startswith("stages/")}
+    assert code == import_closure(entry_module(stage))
+    assert len(code) == len([d for d in deps if d.startswith("stages/")])  # listed once
+
+
+def test_the_stages_package_init_is_empty():
+    # Every stage imports stages/__init__.py; it is left out of deps because it holds nothing.
+    assert (REPO / "stages/__init__.py").read_text().strip() == ""
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_params_name_existing_keys(stage):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key in DVC_YAML["stages"][stage]["params"]:
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"stage {stage}: params key {key} not in params.yaml"
+            node = node[part]
+
+
+def phase1_overrides() -> dict[str, object]:
+    """experiments/phase1.args (one `-S key=value` per line) as {key: value}, values parsed as YAML like DVC."""
+    overrides = {}
+    for line in PHASE1_ARGS.read_text().splitlines():
+        match = re.fullmatch(r"-S ([\w.]+)=(\S+)", line)
+        assert match, f"{PHASE1_ARGS}: not a `-S key=value` line: {line!r}"
+        overrides[match.group(1)] = yaml.safe_load(match.group(2))
+    return overrides
+
+
+def test_phase1_overrides_give_the_report_phase1_recipe():
+    default = load_params(REPO / "params.yaml")
+    phase1 = validate(with_overrides(phase1_overrides()), str(PHASE1_ARGS))
+    assert (phase1.train.epochs, phase1.train.amp, phase1.train.checkpoint, phase1.train.early_stopping_patience) \
+        == (10, False, "final", 0)
+    assert (phase1.optimizer.name, phase1.optimizer.lr, phase1.optimizer.momentum) == ("sgd", 1e-4, 0.9)
+    assert phase1.scheduler.name == "constant" and not phase1.augment.enabled
+    assert (phase1.loss.name, phase1.loss.class_weighted) == ("cross_entropy", False)
+    # Everything outside the report's "What Changed vs Phase 1" table is the Phase 2 default.
+    for section in ("data", "synthetic", "prepare", "class_weights", "model", "evaluate", "plot"):
+        assert getattr(phase1, section) == getattr(default, section)
+    assert phase1.train.model_dump(exclude={"epochs", "amp", "checkpoint", "early_stopping_patience"}) \
+        == default.train.model_dump(exclude={"epochs", "amp", "checkpoint", "early_stopping_patience"})
+
+
+# --- the real dvc CLI -------------------------------------------------------------------------------------------
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def history(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def reset(repo: Path) -> None:
+    """Workspace back to the committed state (params, lock, metrics and cached outputs)."""
+    git(repo, "reset", "-q", "--hard")
+    run_dvc(repo, "checkout", "--force", "--quiet")
+
+
+def exp_file(repo: Path, name: str, path: str) -> str:
+    """`path` as committed by experiment `name` (refs/exps/<baseline>/<name>)."""
+    refs = [r for r in git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+            if r.endswith(f"/{name}")]
+    assert len(refs) == 1, f"experiment {name}: refs {refs}"
+    return git(repo, "show", f"{refs[0]}:{path}")
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory) -> tuple[Path, str]:
+    """A git + DVC copy of the project with TINY_RUN params committed, `dvc repro`'d and committed again.
+    Shared by the tests below: each leaves the workspace as committed."""
+    repo = copy_repo(tmp_path_factory.mktemp("dvc") / "repo", TINY_RUN)
+    output = run_dvc(repo, "repro").stdout
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "tiny repro")
+    return repo, output
+
+
+def test_repro_runs_every_stage_once_in_order_then_nothing(dvc_repo):
+    repo, output = dvc_repo
+    assert ran(output) == STAGES
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    ious = [c["iou"] for c in evaluation["per_class"].values() if c["iou"] is not None]
+    assert evaluation["miou"] == pytest.approx(sum(ious) / len(ious), abs=1e-4)
+    assert evaluation["checkpoint"] == "models/best.pt" and evaluation["images"] == TINY["synthetic.val"]
+    assert len(history((repo / "plots/train/history.csv").read_text())) == TINY_RUN["train.epochs"]
+    assert json.loads(run_dvc(repo, "status", "--json").stdout) == {}
+    again = run_dvc(repo, "repro").stdout
+    assert ran(again) == [] and "Data and pipelines are up to date." in again
+
+
+# A change and the stages whose own deps or params it touches (`dvc status`; repro then also runs their
+# downstream stages). Code edits append a comment to the file.
+CHANGES = [
+    ({"synthetic.seed": 1}, {"synthesize"}),
+    ({"data.image_size": [84, 42]}, {"prepare"}),
+    ({"data.ignore_index": 254}, {"prepare", "train", "evaluate"}),
+    ({"class_weights.max_weight": 2.5}, {"class_weights"}),
+    ({"optimizer.lr": 2.0e-3}, {"train"}),
+    ({"train.checkpoint": "final"}, {"evaluate"}),
+    ({"evaluate.batch_size": 4}, {"evaluate"}),
+    ({"plot.dpi": 50}, {"plot"}),
+    ("stages/augment.py", {"train"}),
+    ("stages/runtime.py", {"train", "evaluate"}),
+    ("stages/visualize.py", {"plot"}),
+    ("stages/params.py", set(STAGES)),
+]
+
+
+@pytest.mark.parametrize("change, stages", CHANGES, ids=[str(c) for c, _ in CHANGES])
+def test_a_change_marks_exactly_the_stages_that_read_it(dvc_repo, change, stages):
+    repo, _ = dvc_repo
+    path = repo / (change if isinstance(change, str) else "params.yaml")
+    original = path.read_bytes()
+    try:
+        if isinstance(change, str):
+            path.write_bytes(original + b"\n# edited\n")
+        else:
+            write_params(path, {**TINY_RUN, **change})
+        assert set(json.loads(run_dvc(repo, "status", "--json").stdout)) == stages
+    finally:
+        path.write_bytes(original)
+
+
+def test_exp_run_with_a_new_lr_reruns_only_train_evaluate_plot(dvc_repo):
+    repo, _ = dvc_repo
+    try:
+        output = run_dvc(repo, "exp", "run", "-n", "lr", "-S", "optimizer.lr=2.0e-3").stdout
+        assert ran(output) == ["train", "evaluate", "plot"]
+        assert all(f"Stage '{s}' didn't change, skipping" in output for s in ("synthesize", "prepare", "class_weights"))
+        # The new lr was used: cosine from 2e-3 to min_lr over 2 epochs is at their mean after epoch 1.
+        first = history((repo / "plots/train/history.csv").read_text())[0]
+        assert float(first["lr"]) == pytest.approx((2.0e-3 + 1.0e-6) / 2, rel=1e-5)
+    finally:
+        reset(repo)
+
+
+@pytest.fixture(scope="module")
+def phases(dvc_repo) -> tuple[Path, str]:
+    """Phase 1 (the overrides file) and Phase 2 (params.yaml) queued as named experiments, then run."""
+    repo, _ = dvc_repo
+    run_dvc(repo, "exp", "run", "--queue", "-n", "phase1", *PHASE1_ARGS.read_text().split())
+    run_dvc(repo, "exp", "run", "--queue", "-n", "phase2")
+    assert git(repo, "status", "--porcelain") == ""  # queueing leaves the workspace alone
+    return repo, run_dvc(repo, "exp", "run", "--run-all").stdout
+
+
+def test_queued_phase1_and_phase2_both_run(phases):
+    repo, output = phases
+    sections = dict(re.findall(r"Reproducing experiment '(\w+)'\n(.*?)(?=Reproducing experiment|\Z)", output, re.S))
+    assert ran(sections["phase1"]) == ["train", "evaluate", "plot"]
+    assert ran(sections["phase2"]) == []  # the committed results already are Phase 2
+    queue = run_dvc(repo, "queue", "status").stdout
+    assert re.search(r"phase1 .* Success", queue) and re.search(r"phase2 .* Success", queue)
+    phase1 = validate(yaml.safe_load(exp_file(repo, "phase1", "params.yaml")), "phase1 params.yaml")
+    assert phase1 == validate(with_overrides({**TINY_RUN, **phase1_overrides()}), "expected")
+    rows = history(exp_file(repo, "phase1", "plots/train/history.csv"))
+    assert len(rows) == 10 and {float(row["lr"]) for row in rows} == {1e-4}
+
+
+def test_metrics_and_params_diff_between_phase1_and_phase2(phases):
+    repo, _ = phases
+    phase1 = json.loads(exp_file(repo, "phase1", "metrics/evaluate.json"))
+    phase2 = json.loads(exp_file(repo, "phase2", "metrics/evaluate.json"))
+    assert phase2 == json.loads((repo / "metrics/evaluate.json").read_text())
+    assert phase1["miou"] != phase2["miou"]
+    diff = json.loads(run_dvc(repo, "metrics", "diff", "phase1", "phase2", "--json").stdout)["metrics/evaluate.json"]
+    for key in ("miou", "mdice", "pixel_accuracy", "loss"):
+        assert (diff[key]["old"], diff[key]["new"]) == (phase1[key], phase2[key])
+        assert diff[key]["diff"] == pytest.approx(phase2[key] - phase1[key])
+    table = run_dvc(repo, "metrics", "diff", "phase1", "phase2", "--md").stdout
+    assert re.search(r"^\| metrics/evaluate\.json +\| miou +\|", table, re.M)
+
+    tiny = with_overrides(TINY_RUN)
+    changed = {k for k, v in phase1_overrides().items() if v != value_at(tiny, k)}
+    params = json.loads(run_dvc(repo, "params", "diff", "phase1", "phase2", "--json").stdout)["params.yaml"]
+    assert set(params) == changed
+    exp = json.loads(run_dvc(repo, "exp", "diff", "phase1", "phase2", "--json").stdout)
+    assert exp["params"]["params.yaml"] == params
+    assert exp["metrics"]["metrics/evaluate.json"]["miou"] == diff["miou"]
+
+
+def value_at(raw: dict, key: str):
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
+def expected_plots(repo: Path) -> set[str]:
+    """Plot ids dvc.yaml defines: top-level plot names, and the files of a plain path entry (a folder of images)."""
+    ids = set()
+    for entry in DVC_YAML["plots"]:
+        if isinstance(entry, dict):
+            ids |= set(entry)
+        elif (repo / entry).is_dir():
+            ids |= {p.relative_to(repo).as_posix() for p in (repo / entry).iterdir()}
+        else:
+            ids.add(entry)
+    return ids
+
+
+def test_plots_show_and_diff_render_each_defined_plot_once(phases, tmp_path):
+    repo, _ = phases
+    shown = json.loads(run_dvc(repo, "plots", "show", "--json", "-o", str(tmp_path / "show")).stdout)["data"]
+    assert set(shown) == expected_plots(repo)
+    assert all(len(renders) == 1 and renders[0]["revisions"] == ["workspace"] for renders in shown.values())
+
+    run_dvc(repo, "plots", "diff", "phase1", "phase2", "-o", str(tmp_path / "diff"))
+    html = (tmp_path / "diff/index.html").read_text()
+    for png in sorted((repo / "plots/images").glob("*.png")):
+        for rev in ("phase1", "phase2"):
+            src = f"static/{rev}_plots_images_{png.name}"
+            assert html.count(f'<img src="{src}">') == 1 and (tmp_path / "diff" / src).is_file()
+    for entry in DVC_YAML["plots"]:
+        for title in entry if isinstance(entry, dict) else []:
+            assert html.count(f'"text": "{title}"') == 1
+
+
+def test_push_to_a_local_remote_then_a_fresh_clone_pulls_a_clean_pipeline(dvc_repo, tmp_path):
+    repo, _ = dvc_repo
+    remote = tmp_path / "remote"
+    # --local keeps the shared repo's committed config as it is; a real project commits .dvc/config.
+    run_dvc(repo, "remote", "add", "--local", "-d", "storage", str(remote))
+    run_dvc(repo, "push")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    run_dvc(clone, "remote", "add", "-d", "storage", str(remote))
+    run_dvc(clone, "pull")
+    assert json.loads(run_dvc(clone, "status", "--json").stdout) == {}
+    output = run_dvc(clone, "repro").stdout
+    assert ran(output) == [] and "Data and pipelines are up to date." in output
+    for path in ("models/best.pt", "data/class_weights.json", "data/prepared/val/masks.npy"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes()
