@@ -241,6 +241,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run stages from the repository root)") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not UTF-8 text
+        raise ParamsError(f"{path}: cannot read it as text ({e})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return validate(raw, str(path))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,9 @@ def read_examples(path: Path = EXAMPLES) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as z:
             return {k: z[k] for k in ("images", "masks", "preds", "names")}
-    except (FileNotFoundError, KeyError) as e:
-        raise PlotInputError(f"{path}: {e}") from None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:  # missing, not an npz, corrupt, pickled
+        reason = str(e).split(". ")[0]  # numpy's pickle message goes on to suggest loading it unsafely
+        raise PlotInputError(f"{path}: not a readable examples archive ({reason}); run `dvc repro evaluate`") from None
 
 
 def read_class_stats(path: Path = CLASS_STATS) -> dict[str, dict]:
@@ -76,6 +78,8 @@ def read_class_stats(path: Path = CLASS_STATS) -> dict[str, dict]:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise PlotInputError(f"{path}: not found (run the class_weights stage first)") from None
+    except ValueError as e:
+        raise PlotInputError(f"{path}: not valid JSON ({e})") from None
 
 
 def save(fig: Figure, path: Path, dpi: int) -> None:
