@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.model import DinoVisionTransformer, build_backbone
-from stages.runtime import configure_threads
+from stages.model import DinoVisionTransformer, attention, build_backbone
+from stages.runtime import configure_cpu
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -55,12 +55,13 @@ def counted_flops(model: DinoVisionTransformer, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def attention_gflops(model: DinoVisionTransformer, tokens: int, batch: int, dtype: torch.dtype) -> float:
-    """The SDPA call alone at one block's shapes."""
+def attention_gflops(model: DinoVisionTransformer, tokens: int, batch: int, dtype: torch.dtype,
+                     fn: Callable = F.scaled_dot_product_attention) -> float:
+    """One attention core call alone (`fn(q, k, v)`) at one block's shapes."""
     heads = model.blocks[0].attn.heads
     q, k, v = torch.randn(3, batch, heads, tokens, model.embed_dim // heads).to(dtype)
     flops = 4 * batch * tokens * tokens * model.embed_dim
-    return flops / best_seconds(lambda: F.scaled_dot_product_attention(q, k, v), 3) / 1e9
+    return flops / best_seconds(lambda: fn(q, k, v), 3) / 1e9
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=(1, 8))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    configure_threads()
+    configure_cpu()
     h, w = args.size
     model = build_backbone(args.backbone)
     flops = forward_flops(model, h, w)
@@ -93,8 +94,9 @@ def main() -> None:
                   f"= {achieved / peak[name]:4.0%} of the {name} matmul peak")
     tokens = 1 + model.num_registers + (h // model.patch_size) * (w // model.patch_size)
     batch = args.batches[-1]
-    rates = [f"{name} {attention_gflops(model, tokens, batch, dtype):.0f}" for name, dtype in DTYPES.items()]
-    print(f"attention core alone (SDPA, batch {batch}): {', '.join(rates)} GFLOP/s")
+    for what, fn in (("SDPA", F.scaled_dot_product_attention), ("stages.model.attention", attention)):
+        rates = [f"{name} {attention_gflops(model, tokens, batch, dtype, fn):.0f}" for name, dtype in DTYPES.items()]
+        print(f"attention core alone ({what}, batch {batch}): {', '.join(rates)} GFLOP/s")
     x = torch.randn(1, 3, h, w)
     reference = forward(x, torch.float32)
     diff = (forward(x, torch.bfloat16).float() - reference).abs()

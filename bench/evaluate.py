@@ -3,22 +3,24 @@
     python -m bench.evaluate [--images 16] [--device cpu] [--no-amp]
 
 Random images and masks and an untrained head: the cost is the model, loss and confusion matrix,
-not the scores.
+not the scores. Also prints the same run's matmul GFLOP/s and peak RSS.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
 import torch
 
+from bench.backbone import matmul_gflops
 from stages.dataset import PreparedSplit
 from stages.evaluate import evaluate
 from stages.losses import build_loss
 from stages.model import build_model
 from stages.params import load_params
-from stages.runtime import configure_threads, resolve_device
+from stages.runtime import configure_cpu, resolve_device
 
 
 def main() -> None:
@@ -27,7 +29,7 @@ def main() -> None:
     parser.add_argument("--device", help="default: params train.device")
     parser.add_argument("--no-amp", action="store_true", help="fp32 instead of params train.amp")
     args = parser.parse_args()
-    configure_threads()
+    configure_cpu()
     params = load_params()
     data, batch = params.data, params.evaluate.batch_size
     device = resolve_device(args.device or params.train.device)
@@ -52,6 +54,9 @@ def main() -> None:
     print(f"evaluate: {args.images / seconds:.2f} images/s ({args.images} images {w}x{h}, batch {batch}, "
           f"{device}, {'bf16 autocast' if amp else 'fp32'}, {params.model.backbone} + {params.model.head} head, "
           f"{torch.get_num_threads()} threads)")
+    print("matmul 2048x2048: " + ", ".join(f"{n} {matmul_gflops(d):.0f} GFLOP/s"
+                                            for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from stages.losses import build_loss, load_class_weights
 from stages.metrics import confusion_matrix, format_summary, read_history, rounded, sort_by_iou, summarize
 from stages.model import Segmenter, load_segmenter
 from stages.params import load_params
-from stages.runtime import autocast, configure_threads, resolve_device
+from stages.runtime import autocast, configure_cpu, resolve_device
 
 CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
 PREPARED = Path("data/prepared")
@@ -105,7 +105,7 @@ def history_table(history: dict[str, np.ndarray]) -> str:
 
 
 def main() -> None:
-    configure_threads()
+    configure_cpu()
     params = load_params()
     data, names = params.data, params.data.class_names
     device = resolve_device(params.train.device)

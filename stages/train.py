@@ -17,7 +17,7 @@ from stages.errors import run_cli
 from stages.losses import build_loss, load_class_weights
 from stages.model import build_model
 from stages.params import load_params
-from stages.runtime import configure_threads, resolve_device
+from stages.runtime import configure_cpu, resolve_device
 from stages.training import Dist, fit
 
 PREPARED = Path("data/prepared")
@@ -39,12 +39,13 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 
 def main() -> None:
     params = load_params()
-    configure_threads()
+    configure_cpu()
     ddp, device = init_distributed(resolve_device(params.train.device))
     names, ignore = params.data.class_names, params.data.ignore_index
     train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
     weights = load_class_weights(CLASS_WEIGHTS, names) if params.loss.class_weighted else None
 
+    torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
     model = build_model(params.model, len(names)).to(device)
     head = torch.compile(model.head) if params.train.compile else model.head
     if ddp.world > 1:

@@ -4,7 +4,8 @@ Read `fit` top to bottom. The backbone is frozen, so features of un-augmented im
 change: val features (and train features when augmentation is off) are computed once per run
 and reused every epoch. Train metrics come from the training forward passes themselves.
 Under torchrun each process takes an interleaved share of every global batch and of the val
-set; confusion matrices and loss sums are all-reduced, rank 0 writes the files.
+set; confusion matrices and loss sums are all-reduced, rank 0 writes the files. Losses are
+normalised by the global batch's pixel weight, so N processes train like one (see `fit`).
 """
 from __future__ import annotations
 
@@ -80,9 +81,10 @@ def lr_at(epoch: int, params: Params) -> float:
 
 def make_optimizer(params: Params, parameters) -> torch.optim.Optimizer:
     cfg = params.optimizer
+    # fused: one kernel for all parameters (AdamW step 0.6 ms instead of 2.7 ms for the head on the CPU)
     if cfg.name == "sgd":
-        return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, ddp: Dist) -> list[np.ndarray]:
@@ -92,22 +94,48 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, ddp: Dist) -> 
 
 
 class FeatureCache:
-    """Backbone features of un-augmented images, each computed once on first use."""
+    """Backbone features of un-augmented images, each computed once on first use.
+
+    Kept in bf16 under amp: the head's first convolution casts them to bf16 anyway, so this halves
+    the memory without changing a result.
+    """
 
     def __init__(self, model: Segmenter, images: np.ndarray, device: torch.device, amp: bool):
         self.model, self.images, self.device, self.amp = model, images, device, amp
         self.store: dict[int, torch.Tensor] = {}
-        self.computed = 0
+        self.computed, self.seconds = 0, 0.0
 
     def __call__(self, idx: np.ndarray) -> torch.Tensor:
-        missing = [int(i) for i in idx if int(i) not in self.store]
+        missing = sorted({int(i) for i in idx} - self.store.keys())
         if missing:
-            images = torch.from_numpy(self.images[np.sort(missing)]).to(self.device)
+            start = time.perf_counter()
+            images = torch.from_numpy(self.images[missing]).to(self.device)
             with autocast(self.device, self.amp):
                 feats = self.model.features(images)
-            self.store.update(zip(sorted(missing), feats))
+            self.store.update(zip(missing, feats.to(torch.bfloat16) if self.amp else feats))
+            synchronize(self.device)
             self.computed += len(missing)
+            self.seconds += time.perf_counter() - start
         return torch.stack([self.store[int(i)] for i in idx])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def predict(logits: torch.Tensor) -> torch.Tensor:
+    """Class per pixel: argmax over dim 1. max(1) gives the same indices (the first maximum) and, unlike
+    argmax(1) on CPU, costs the same whatever the logits: 1 ms against up to 20 ms at 2x10x266x476."""
+    return logits.max(1).indices
+
+
+def pixel_weight(target: torch.Tensor, class_weights: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """The loss's normaliser: the summed class weight (or count) of the non-ignored pixels, float64."""
+    valid = target != ignore_index
+    if class_weights is None:
+        return valid.sum(dtype=torch.float64)
+    return class_weights[target[valid]].sum(dtype=torch.float64)
 
 
 def fingerprint(params: Params, train: PreparedSplit, val: PreparedSplit, class_weights: torch.Tensor | None) -> str:
@@ -164,27 +192,34 @@ def _row(epoch: int, lr: float, train: tuple, val: tuple) -> dict:
 
 
 def validate(model: Segmenter, feats: Callable, masks: np.ndarray, idx: np.ndarray, batch_size: int,
-             loss_fn, num_classes: int, ignore_index: int, device: torch.device, amp: bool, ddp: Dist):
+             loss_fn, class_weights: torch.Tensor | None, num_classes: int, ignore_index: int,
+             device: torch.device, amp: bool, ddp: Dist):
+    """(loss, confusion matrix) over the split; the loss is pixel-weighted, so batching and sharding do not change it."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss, weight
     with torch.inference_mode():
         for i in range(0, len(idx), batch_size):
             b = idx[i:i + batch_size]
             target = torch.from_numpy(masks[b]).to(device).long()
             with autocast(device, amp):
                 logits = model.decode(feats(b), target.shape[-2:])
-            loss_sum += loss_fn(logits.float(), target) * len(b)
-            cm += metrics.confusion_matrix(logits.argmax(1), target, num_classes, ignore_index)
-    n = ddp.sum(torch.tensor(float(len(idx)), dtype=torch.float64, device=device))
-    return (ddp.sum(loss_sum) / n).item(), ddp.sum(cm).cpu()
+            weight = pixel_weight(target, class_weights, ignore_index)
+            sums += torch.stack([loss_fn(logits.float(), target) * weight, weight])
+            cm += metrics.confusion_matrix(predict(logits), target, num_classes, ignore_index)
+    loss, weight = ddp.sum(sums).tolist()
+    return loss / weight if weight else math.nan, ddp.sum(cm).cpu()
 
 
 def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: PreparedSplit, val: PreparedSplit,
         loss_fn, augment, class_weights: torch.Tensor | None, device: torch.device, out: dict[str, Path],
         ddp: Dist = Dist(), log: Callable[[str], None] = print) -> dict:
     """Train `head` (the module the optimizer sees; DDP-wrapped or compiled where asked) and write
-    out["best"], out["final"], out["last"] (resume state) and out["history"]. Returns a summary."""
+    out["best"], out["final"], out["last"] (resume state) and out["history"]. Returns a summary.
+
+    Each process scales its mean loss by its share of the global batch's pixel weight (x world, as DDP
+    averages gradients), so N processes take the same steps as one; losses are reported the same way.
+    """
     cfg, K, ignore = params.train, params.data.num_classes, params.data.ignore_index
     fp = fingerprint(params, train, val, class_weights)
     state = load_state(out["last"], fp, log)
@@ -193,13 +228,14 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
     if state.head is not None:
         model.head.load_state_dict(state.head)
         optimizer.load_state_dict(state.optimizer)
+    weights = None if class_weights is None else class_weights.to(device)
 
     val_idx = np.arange(ddp.rank, len(val), ddp.world)
     val_feats = FeatureCache(model, val.images, device, cfg.amp)
     train_feats = None if augment else FeatureCache(model, train.images, device, cfg.amp)
     dataset = SegmentationDataset(train, augment, seed=cfg.seed) if augment else None
 
-    start_epoch, seen, t0 = state.epoch, 0, time.perf_counter()
+    start_epoch, train_forwards, t0 = state.epoch, 0, time.perf_counter()
     bad_epochs = state.epoch - state.best_epoch
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience:
@@ -207,16 +243,20 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
         lr = lr_at(epoch, params)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        batches = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, ddp)
+        # A share left empty by a last batch smaller than the world still joins the gradient all-reduce
+        # (DDP needs every process in every step): it runs image 0 with weight 0.
+        batches = [(b, True) if len(b) else (np.zeros(1, np.int64), False)
+                   for b in epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, ddp)]
         if dataset is not None:
             dataset.set_epoch(epoch)
             source = iter(torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
+                dataset, batch_sampler=[b for b, _ in batches], num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda"))
         model.train()
         cm = torch.zeros(K, K, dtype=torch.long, device=device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss, weight
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None, file=sys.stderr)
-        for step, b in enumerate(bar):
+        for step, (b, counted) in enumerate(bar):
             if dataset is None:
                 feats, target = train_feats(b), torch.from_numpy(train.masks[b]).to(device).long()
             else:
@@ -224,21 +264,27 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
                 images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
                 with autocast(device, cfg.amp):
                     feats = model.features(images)
+                train_forwards += len(b)
             with autocast(device, cfg.amp):
                 logits = head_forward(head, model, feats, target.shape[-2:])
             loss = loss_fn(logits.float(), target)
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
-                                    f"stopped. The last good state (epoch {state.epoch}) is kept in {out['last']}")
+                kept = (f"the last good state (epoch {state.epoch}) is kept in {out['last']}" if state.epoch
+                        else "no epoch had completed, nothing was saved")
+                raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1}, batch {step + 1}; stopped, {kept}. "
+                                    "Try a lower optimizer.lr, or check data/class_weights.json")
+            weight = pixel_weight(target, weights, ignore) * counted
+            sums += torch.stack([loss.detach() * weight, weight])
+            if ddp.world > 1:
+                loss = loss * (ddp.world * weight / ddp.sum(weight.clone())).float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(b)
-            cm += metrics.confusion_matrix(logits.detach().argmax(1), target, K, ignore)
-            seen += len(b)
-        n_train = ddp.sum(torch.tensor(float(sum(map(len, batches))), dtype=torch.float64, device=device))
-        train_stats = ((ddp.sum(loss_sum) / n_train).item(), ddp.sum(cm).cpu())
-        val_stats = validate(model, val_feats, val.masks, val_idx, cfg.batch_size, loss_fn, K, ignore,
+            if counted:
+                cm += metrics.confusion_matrix(predict(logits.detach()), target, K, ignore)
+        loss_sum, weight_sum = ddp.sum(sums).tolist()
+        train_stats = (loss_sum / weight_sum, ddp.sum(cm).cpu())
+        val_stats = validate(model, val_feats, val.masks, val_idx, cfg.batch_size, loss_fn, weights, K, ignore,
                              device, cfg.amp, ddp)
         row = _row(epoch + 1, lr_at(epoch + 1, params), train_stats, val_stats)
 
@@ -268,8 +314,12 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
         artifacts.save_torch(out["best"], best)
         artifacts.save_torch(out["last"], vars(state))
         write_history(out["history"], state.history)
-    forwards = val_feats.computed + (train_feats.computed if train_feats else seen)
-    naive = (state.epoch - start_epoch) * (len(val_idx) + len(train) // ddp.world)
+    epochs = state.epoch - start_epoch
+    local = [val_feats.seconds, val_feats.computed,
+             val_feats.computed + (train_feats.computed if train_feats else train_forwards)]
+    cache_seconds, cached, forwards = ddp.sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()
+    forwards = int(forwards)
+    saved = epochs * (len(val) + len(train)) - forwards  # all processes together
     return {
         "best_epoch": state.best_epoch,
         "best_val_iou": state.best_val_iou,
@@ -277,9 +327,11 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
         "stopped_early": stopped_early,
         "resumed_from_epoch": start_epoch,
         "train_seconds": round(seconds, 1),
-        "images_per_second": round(seen * ddp.world / seconds, 2) if seconds else None,
+        "images_per_second": round(epochs * len(train) / seconds, 2) if seconds else None,
         "backbone_forwards": forwards,
-        "backbone_forwards_saved": naive - forwards,
+        "backbone_forwards_saved": saved,
+        # estimated from the time the val features took
+        "backbone_seconds_saved": round(saved * cache_seconds / cached, 1) if cached else None,
     }
 
 

@@ -122,7 +122,7 @@ def test_colorize_and_overlay():
 
 @pytest.fixture
 def one_thread(monkeypatch):
-    # Tiny forwards: two threads only add contention on a shared 2-core machine (stages call configure_threads).
+    # Tiny forwards: two threads only add contention on a shared 2-core machine (stages call configure_cpu).
     threads = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from stages.artifacts import save_torch
 from stages.errors import PipelineError
-from stages.model import (CheckpointError, MultiScaleHead, Segmenter, WeightsError, build_backbone, build_model,
-                          head_checkpoint, load_backbone_weights, load_segmenter, official_weights, preprocess)
+from stages.model import (CheckpointError, MultiScaleHead, Segmenter, WeightsError, attention, build_backbone,
+                          build_model, head_checkpoint, load_backbone_weights, load_segmenter, official_weights,
+                          preprocess)
 from stages.params import load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -225,6 +226,27 @@ def test_forward_matches_plain_reference():
         got = model(image[None])[0]
     expected = reference_tokens(model.state_dict(), image, heads=6)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_bf16_attention_matches_fp32_sdpa():
+    q, k, v = torch.randn(3, 3, 6, 40, 64, generator=torch.Generator().manual_seed(0))  # 3 images, 6 heads
+    expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=0)  # fp32: SDPA itself
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # the explicit matmul-softmax-matmul path
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    diff = (got.float() - expected).abs()
+    assert diff.max() < 0.03 and diff.mean() < 3e-3  # bf16 rounding of inputs and scores; a missing scale gives ~0.5
+
+
+def test_bf16_autocast_backbone_stays_close_to_fp32():
+    model = build_backbone("dinov2_vits14", seed=1).eval()
+    x = torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x)
+    diff = (bf16.float() - fp32).abs()
+    assert diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())  # tokens have std 1
 
 
 def test_intermediate_layers():
