@@ -80,8 +80,3 @@ def _running(pid: int) -> bool:
         pass
     return True
 
-
-def remove_stale_tmp(folder: str | Path) -> None:
-    """Delete temporaries left by a killed writer (they never replaced a real file)."""
-    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)

@@ -315,8 +315,8 @@ def build_model(model: Model, num_classes: int) -> Segmenter:
     load_backbone_weights(backbone, model.weights, model.backbone)
     if model.head == "convnext":
         head, layers = ConvNeXtHead(backbone.embed_dim, model.head_channels, num_classes), 1
-    elif model.layers > len(backbone.blocks):
-        raise PipelineError(f"model.layers {model.layers} exceeds the {len(backbone.blocks)} blocks of {model.backbone}")
+    elif model.layers > (depth := len(backbone.blocks)):
+        raise PipelineError(f"model.layers {model.layers} exceeds the {depth} blocks of {model.backbone}")
     else:
         head, layers = MultiScaleHead(backbone.embed_dim, model.layers, model.head_channels, num_classes), model.layers
     # channels-last convolutions: a bf16 train step of either head at batch 2 is ~10 % faster on the CPU
@@ -348,8 +348,8 @@ def load_segmenter(path: str | Path, model: Model, class_names: list[str],
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_load_error(e)})") from None
-    if not isinstance(ckpt, dict) or not {"head", "params", "class_names"} <= ckpt.keys():
-        raise CheckpointError(f"{path}: not a head checkpoint (needs 'head', 'params' and 'class_names')")
+    if not isinstance(ckpt, dict) or not {"head", "params", "class_names", "epoch"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a head checkpoint (needs 'head', 'params', 'class_names' and 'epoch')")
     if ckpt["class_names"] != list(class_names):
         raise CheckpointError(f"{path}: trained for classes {ckpt['class_names']}, params.yaml has {list(class_names)}")
     saved = ckpt["params"].get("model", {}) if isinstance(ckpt["params"], dict) else {}

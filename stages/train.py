@@ -52,8 +52,6 @@ def main() -> None:
         head = torch.nn.parallel.DistributedDataParallel(head)
     loss_fn = build_loss(params.loss, None if weights is None else weights.to(device), ignore)
     augment = build_augment(params.augment, ignore)
-    for path in OUT.values():
-        artifacts.remove_stale_tmp(path.parent)
 
     log = print if ddp.main else (lambda _: None)
     log(f"train: {len(train)} train / {len(val)} val images, device {device}, world {ddp.world}, "

@@ -34,8 +34,8 @@ from stages.params import Params
 from stages.runtime import autocast
 
 # Source files whose edit makes a half-finished run's saved state stale.
-CODE_FILES = ["stages/training.py", "stages/model.py", "stages/losses.py", "stages/metrics.py",
-              "stages/dataset.py", "stages/augment.py"]
+CODE_FILES = ["stages/train.py", "stages/training.py", "stages/model.py", "stages/losses.py", "stages/metrics.py",
+              "stages/dataset.py", "stages/augment.py", "stages/runtime.py"]
 
 
 class TrainingError(PipelineError):
@@ -194,7 +194,7 @@ def _row(epoch: int, lr: float, train: tuple, val: tuple) -> dict:
 def validate(model: Segmenter, feats: Callable, masks: np.ndarray, idx: np.ndarray, batch_size: int,
              loss_fn, class_weights: torch.Tensor | None, num_classes: int, ignore_index: int,
              device: torch.device, amp: bool, ddp: Dist):
-    """(loss, confusion matrix) over the split; the loss is pixel-weighted, so batching and sharding do not change it."""
+    """(loss, confusion matrix) over the split; the loss is pixel-weighted, so batching and sharding leave it as is."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss, weight
