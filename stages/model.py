@@ -302,8 +302,9 @@ class Segmenter(nn.Module):
         maps = [t.transpose(1, 2).reshape(B, -1, H // PATCH, W // PATCH) for t in tokens]
         return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
-    def decode(self, features: Tensor, out_size: tuple[int, int]) -> Tensor:
-        logits = self.head(features)
+    def decode(self, features: Tensor, out_size: tuple[int, int], head: nn.Module | None = None) -> Tensor:
+        """Logits at out_size; `head` overrides self.head with a wrapper of it (DDP, torch.compile)."""
+        logits = (self.head if head is None else head)(features)
         return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
 
     def forward(self, images: Tensor) -> Tensor:

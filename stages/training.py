@@ -266,7 +266,7 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
                     feats = model.features(images)
                 train_forwards += len(b)
             with autocast(device, cfg.amp):
-                logits = head_forward(head, model, feats, target.shape[-2:])
+                logits = model.decode(feats, target.shape[-2:], head)
             loss = loss_fn(logits.float(), target)
             if not torch.isfinite(loss):
                 kept = (f"the last good state (epoch {state.epoch}) is kept in {out['last']}" if state.epoch
@@ -334,7 +334,3 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
         "backbone_seconds_saved": round(saved * cache_seconds / cached, 1) if cached else None,
     }
 
-
-def head_forward(head: torch.nn.Module, model: Segmenter, feats: torch.Tensor, size) -> torch.Tensor:
-    """Logits through `head` (which may be a DDP or compiled wrapper of model.head)."""
-    return torch.nn.functional.interpolate(head(feats), size=tuple(size), mode="bilinear", align_corners=False)
