@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.model import DinoVisionTransformer, attention, build_backbone
-from stages.runtime import configure_cpu
+from offroad.runtime import configure_cpu
+from offroad.vit import DinoVisionTransformer, attention, build_backbone
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,7 +94,7 @@ def main() -> None:
                   f"= {achieved / peak[name]:4.0%} of the {name} matmul peak")
     tokens = 1 + model.num_registers + (h // model.patch_size) * (w // model.patch_size)
     batch = args.batches[-1]
-    for what, fn in (("SDPA", F.scaled_dot_product_attention), ("stages.model.attention", attention)):
+    for what, fn in (("SDPA", F.scaled_dot_product_attention), ("offroad.vit.attention", attention)):
         rates = [f"{name} {attention_gflops(model, tokens, batch, dtype, fn):.0f}" for name, dtype in DTYPES.items()]
         print(f"attention core alone ({what}, batch {batch}): {', '.join(rates)} GFLOP/s")
     x = torch.randn(1, 3, h, w)

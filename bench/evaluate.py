@@ -1,4 +1,4 @@
-"""Evaluate throughput (images/s) of stages.evaluate.evaluate at the params.yaml image size.
+"""Evaluate throughput (images/s) of offroad.evaluation.evaluate on images at the params.yaml image size.
 
     python -m bench.evaluate [--images 16] [--device cpu] [--no-amp]
 
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from bench.backbone import matmul_gflops
-from stages.dataset import PreparedSplit
-from stages.evaluate import evaluate
-from stages.losses import build_loss
-from stages.model import build_model
-from stages.params import load_params
-from stages.runtime import configure_cpu, resolve_device
+from offroad.artifacts import PreparedSplit
+from offroad.config import load_params
+from offroad.evaluation import evaluate, image_features
+from offroad.losses import build_loss
+from offroad.runtime import Run, configure_cpu, resolve_device
+from offroad.segmenter import build_model
 
 
 def main() -> None:
@@ -42,8 +42,11 @@ def main() -> None:
     segmenter = build_model(params.model, data.num_classes).to(device)
     loss_fn = build_loss(params.loss, torch.ones(data.num_classes, device=device), data.ignore_index)
 
+    run_ = Run(device, amp, data.num_classes, data.ignore_index)
+
     def run(s: PreparedSplit) -> None:
-        evaluate(segmenter, s, loss_fn, device, amp, batch, data.num_classes, data.ignore_index)
+        evaluate(segmenter, image_features(segmenter, s.images, run_), s.masks, np.arange(len(s)), batch, loss_fn,
+                 None, run_)
 
     run(PreparedSplit(split.images[:batch], split.masks[:batch], split.names[:batch]))  # warm-up
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""Prepare throughput: images/s of stages.dataset.prepare_split (decode both PNGs, map ids, resize, write).
+"""Prepare throughput: images/s of offroad.data.prepare_split (decode both PNGs, map ids, resize, write).
 
     python -m bench.prepare [--root data/synthetic] [--split train] [--workers 1 0]
 
@@ -16,10 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.dataset import find_split, list_pairs, prepare_split
-from stages.errors import PipelineError
-from stages.params import load_params
-from stages.synthetic import write_dataset
+from offroad.config import load_params
+from offroad.data import prepare_split
+from offroad.errors import PipelineError
+from offroad.raw import find_split, list_pairs
+from offroad.synthetic import write_dataset
 
 
 def main() -> None:

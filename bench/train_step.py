@@ -2,7 +2,7 @@
 
     python -m bench.train_step [--workers 0 1 2] [--epochs 3] [--prepared data/prepared]
 
-Runs `stages.training.fit`, the train stage's own loop (memory-mapped loading, augmentation, backbone,
+Runs `offroad.training.fit`, the train stage's own loop (memory-mapped loading, augmentation, backbone,
 head, loss, confusion matrices, val on cached features, checkpoints), with the params.yaml recipe on the
 prepared splits (random arrays of the same shape when there are none), once per DataLoader worker count,
 then with augmentation off (Phase 1: train features cached, so epochs after the first are head-only).
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from bench.backbone import best_seconds, matmul_gflops
-from stages.augment import build_augment
-from stages.dataset import PreparedSplit, SegmentationDataset, load_split
-from stages.losses import build_loss
-from stages.model import build_model
-from stages.params import Params, load_params, validate
-from stages.runtime import autocast, configure_cpu, resolve_device
-from stages.training import fit
+from offroad.artifacts import PreparedSplit, load_split
+from offroad.augment import build_augment
+from offroad.config import Params, load_params, validate
+from offroad.data import SegmentationDataset
+from offroad.runtime import Run, autocast, configure_cpu, resolve_device
+from offroad.segmenter import build_model
+from offroad.training import Outputs, fit
 
 
 def with_changes(params: Params, changes: dict[str, Any]) -> Params:
@@ -71,12 +71,12 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     model.features = timed_features
     K = params.data.num_classes
     weights = torch.ones(K) if params.loss.class_weighted else None
-    loss_fn = build_loss(params.loss, None if weights is None else weights.to(device), params.data.ignore_index)
+    run = Run(device, params.train.amp, K, params.data.ignore_index)
     stamps = [(time.perf_counter(), 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
-        out = {k: Path(tmp) / f"{k}.pt" for k in ("best", "final", "last")} | {"history": Path(tmp) / "h.csv"}
-        fit(model, model.head, params, train, val, loss_fn, build_augment(params.augment, params.data.ignore_index),
-            weights, device, out, log=lambda _: stamps.append((time.perf_counter(), backbone[0])))
+        out = Outputs(*(Path(tmp) / f"{k}.pt" for k in ("best", "final", "last")), Path(tmp) / "h.csv")
+        fit(model, model.head, params, train, val, weights, run, out,
+            log=lambda _: stamps.append((time.perf_counter(), backbone[0])))
     (t1, b1), (t2, b2) = stamps[1], stamps[-1]
     return len(train) * (len(stamps) - 2) / (t2 - t1), (b2 - b1) / (t2 - t1)
 

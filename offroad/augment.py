@@ -10,7 +10,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 
-from stages.params import Augment
+from offroad.config import Augment
 
 Augmenter = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 

@@ -13,12 +13,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from stages.errors import PipelineError
+from offroad.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 PATCH = 14  # ViT patch size: image sides must be multiples of it
-BACKBONES = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14",
-             "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg")
+VIT_ARCHS = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}  # embed dim, depth, heads
+BACKBONES = tuple(f"dinov2_{arch}{reg}" for reg in ("", "_reg") for arch in VIT_ARCHS)
 
 
 class ParamsError(PipelineError):

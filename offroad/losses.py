@@ -1,16 +1,12 @@
 """Segmentation losses: (class-weighted) cross-entropy, and focal + soft Dice for the rare classes."""
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.errors import PipelineError
-from stages.params import Loss
+from offroad.config import Loss
+from offroad.errors import PipelineError
 
 
 class CrossEntropy(nn.Module):
@@ -71,23 +67,11 @@ def build_loss(loss: Loss, class_weights: Tensor | None, ignore_index: int) -> n
     return FocalDice(weight, ignore_index, loss.focal_gamma, loss.focal_weight, loss.dice_weight)
 
 
-def load_class_weights(path: str | Path, class_names: list[str]) -> Tensor:
-    """float32 [K] in class index order, from data/class_weights.json."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found (run `dvc repro class_weights`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("classes") != list(class_names):
-        found = data.get("classes") if isinstance(data, dict) else None
-        raise PipelineError(f"{path}: classes {found} differ from params.yaml {list(class_names)} "
-                            "(rerun `dvc repro class_weights`)")
-    weights = data.get("weights")
-    values = [weights.get(name) if isinstance(weights, dict) else None for name in class_names]
-    bad = [name for name, w in zip(class_names, values)
-           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
-    if bad:
-        raise PipelineError(f"{path}: 'weights' lacks a finite non-negative number for {bad}")
-    return torch.tensor(values, dtype=torch.float32)
+def pixel_weight(target: Tensor, class_weights: Tensor | None, ignore_index: int) -> Tensor:
+    """The normaliser of a batch's mean loss: the summed class weight (or count) of its non-ignored pixels,
+    float64. Loss x pixel_weight, summed over batches and divided by the summed weight, is the mean over a
+    whole split, whatever the batching."""
+    valid = target != ignore_index
+    if class_weights is None:
+        return valid.sum(dtype=torch.float64)
+    return class_weights[target[valid]].sum(dtype=torch.float64)

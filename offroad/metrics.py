@@ -5,19 +5,12 @@ has no IoU/Dice/precision/recall (None) and is left out of every mean.
 """
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from stages.errors import PipelineError
-
 SCORES = ("iou", "dice", "precision", "recall")
-# plots/train/history.csv, one row per epoch (accuracies as fractions)
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_iou", "val_iou", "train_dice", "val_dice",
-                   "train_acc", "val_acc", "lr")
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -126,16 +119,15 @@ def sort_by_iou(per_class: dict) -> list[tuple[str, dict]]:
     return sorted(items, key=lambda kv: (kv[1]["iou"] is None, -(kv[1]["iou"] or 0.0)))
 
 
-def read_history(path: str | Path) -> dict[str, np.ndarray]:
-    """The training history CSV as one float array per column."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        history = {c: np.array([float(r[c]) for r in rows]) for c in HISTORY_COLUMNS}
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found (run `dvc repro train`)") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise PipelineError(f"{path}: bad column or value ({e}); expected {', '.join(HISTORY_COLUMNS)}") from None
-    if not rows:
-        raise PipelineError(f"{path}: no epochs")
-    return history
+def history_table(history: dict[str, np.ndarray]) -> str:
+    """The per-epoch training table of the report, best val mIoU marked with *."""
+    best = int(np.argmax(history["val_iou"]))
+    lines = [f"{'Epoch':>6}  {'Train Loss':>10}  {'Val Loss':>8}  {'Train IoU':>9}  {'Val IoU':>7}  "
+             f"{'Train Dice':>10}  {'Val Dice':>8}  {'Train Acc':>9}  {'Val Acc':>7}  {'LR':>8}"]
+    for i in range(len(history["epoch"])):
+        v = {k: a[i] for k, a in history.items()}
+        mark = "*" if i == best else " "
+        lines.append(f"{int(v['epoch']):>5}{mark}  {v['train_loss']:>10.4f}  {v['val_loss']:>8.4f}  "
+                     f"{v['train_iou']:>9.4f}  {v['val_iou']:>7.4f}  {v['train_dice']:>10.4f}  {v['val_dice']:>8.4f}  "
+                     f"{100 * v['train_acc']:>8.2f}%  {100 * v['val_acc']:>6.2f}%  {v['lr']:>8.2e}")
+    return "\n".join(lines) + "\n"

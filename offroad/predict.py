@@ -1,6 +1,6 @@
-"""Segment any folder of images with a trained checkpoint (not a pipeline stage).
+"""Segment any folder of images with a trained checkpoint.
 
-    python -m stages.predict --images DIR --out DIR [--masks DIR] [--checkpoint PATH]
+    python -m offroad.predict --images DIR --out DIR [--masks DIR] [--checkpoint PATH]
 
 Writes OUT/masks/NAME.png (colour mask at the source size) and OUT/overlays/NAME.png (image | overlay).
 With ground-truth masks (--masks, or a Segmentation/ folder beside DIR) it also scores the predictions
@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import artifacts
-from stages.dataset import class_lut, map_mask, read_image, read_mask
-from stages.errors import PipelineError, run_cli
-from stages.metrics import confusion_matrix, format_summary, rounded, summarize
-from stages.model import Segmenter, load_segmenter
-from stages.params import load_params
-from stages.runtime import autocast, configure_cpu, resolve_device
-from stages.visualize import colorize, overlay
+from offroad import artifacts
+from offroad.config import load_params
+from offroad.data import class_lut, map_mask
+from offroad.errors import PipelineError, run_cli
+from offroad.metrics import confusion_matrix, format_summary, rounded, summarize
+from offroad.raw import MASKS, read_image, read_mask
+from offroad.runtime import autocast, configure_cpu, resolve_device
+from offroad.segmenter import Segmenter, load_segmenter, predicted_labels
+from offroad.visualize import colorize, overlay
 
-CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -60,7 +60,7 @@ def segment(segmenter: Segmenter, image: np.ndarray, size: tuple[int, int], devi
     resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     with torch.inference_mode(), autocast(device, amp):
         logits = segmenter(torch.from_numpy(resized)[None].to(device))
-    pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    pred = predicted_labels(logits)[0].to(torch.uint8).cpu().numpy()
     return cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
@@ -73,7 +73,7 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m offroad.predict", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of .png/.jpg images")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--masks", type=Path, help="ground-truth masks (default: Segmentation/ beside --images)")
@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     data, names = params.data, params.data.class_names
     images = list_images(args.images)
-    sibling = args.images.parent / "Segmentation"
+    sibling = args.images.parent / MASKS
     masks_dir = args.masks or (sibling if sibling.is_dir() else None)
     masks = mask_paths(images, masks_dir) if masks_dir else None
     device = resolve_device(params.train.device)
-    checkpoint = args.checkpoint or CHECKPOINTS[params.train.checkpoint]
+    checkpoint = args.checkpoint or artifacts.CHECKPOINTS[params.train.checkpoint]
     segmenter, _ = load_segmenter(checkpoint, params.model, names, device)
 
     lut = class_lut(data)

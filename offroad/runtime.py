@@ -1,14 +1,16 @@
-"""Device, precision, thread and memory-allocator settings shared by the stages that run the model."""
+"""Where and how the model runs: device, precision, process group, CPU threads and allocator."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
 import platform
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
-from stages.errors import PipelineError
+from offroad.errors import PipelineError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
@@ -20,6 +22,48 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"train.device is {name!r} but no CUDA device is available (use 'auto' or 'cpu')")
     return device
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the torchrun process group (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every model pass needs to know besides the model and the data."""
+    device: torch.device
+    amp: bool
+    num_classes: int
+    ignore_index: int
+    dist: Dist = field(default_factory=Dist)
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if there is one: nccl on CUDA (one GPU per process), gloo on the CPU."""
+    if "WORLD_SIZE" not in os.environ:
+        return Dist(), device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from offroad.raw import IMAGES, MASKS
+
 # Raw ids of the real masks.
 BACKGROUND, TREES, LUSH, GRASS, DRY, CLUTTER, FLOWERS, LOGS, ROCKS, LANDSCAPE, SKY = (
     0, 100, 200, 300, 500, 550, 600, 700, 800, 7100, 10000)
@@ -258,7 +260,7 @@ def sample_name(split: str, index: int) -> str:
 def write_sample(root: Path, split: str, index: int, seed: int, width: int, height: int) -> None:
     image, mask = generate(seed, split, index, width, height)
     name = sample_name(split, index)
-    for folder, array in (("Color_Images", image[..., ::-1]), ("Segmentation", mask)):
+    for folder, array in ((IMAGES, image[..., ::-1]), (MASKS, mask)):
         if not cv2.imwrite(str(root / split / folder / name), array):
             raise OSError(f"could not write {root / split / folder / name}")
 
@@ -268,7 +270,7 @@ def write_dataset(root: str | Path, counts: dict[str, int], seed: int, width: in
     """Write `counts[split]` scenes per split under `root` in the real layout, with `workers` processes."""
     root = Path(root)
     for split in counts:
-        for folder in ("Color_Images", "Segmentation"):
+        for folder in (IMAGES, MASKS):
             (root / split / folder).mkdir(parents=True, exist_ok=True)
     splits = [split for split, n in counts.items() for _ in range(n)]
     indices = [i for n in counts.values() for i in range(n)]

@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from stages.dataset import prepare_split
-from stages.errors import run_cli
-from stages.params import load_params
-
-OUT = Path("data/prepared")
+from offroad.artifacts import PREPARED
+from offroad.config import load_params
+from offroad.data import prepare_split
+from offroad.errors import run_cli
 
 
 def main() -> None:
     params = load_params()
     for split in ("train", "val"):
         start = time.perf_counter()
-        count = prepare_split(params.data.root, split, OUT, params.data, params.prepare.workers)
+        count = prepare_split(params.data.root, split, PREPARED, params.data, params.prepare.workers)
         seconds = time.perf_counter() - start
-        print(f"prepare: {split}: {count} images -> {OUT / split} at {list(params.data.image_size)} "
+        print(f"prepare: {split}: {count} images -> {PREPARED / split} at {list(params.data.image_size)} "
               f"({seconds:.1f} s, {count / seconds:.1f} images/s)")
 
 

@@ -3,25 +3,23 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
-from stages.artifacts import atomic_dir
-from stages.errors import run_cli
-from stages.params import load_params
-from stages.synthetic import write_dataset
-
-OUT = Path("data/synthetic")
+from offroad.artifacts import SYNTHETIC
+from offroad.atomic import atomic_dir
+from offroad.config import load_params
+from offroad.errors import run_cli
+from offroad.synthetic import write_dataset
 
 
 def main() -> None:
     cfg = load_params().synthetic
     counts = {"train": cfg.train, "val": cfg.val}
     start = time.perf_counter()
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(SYNTHETIC) as tmp:
         write_dataset(tmp, counts, cfg.seed, cfg.width, cfg.height, workers=os.cpu_count() or 1)
     seconds = time.perf_counter() - start
     total = sum(counts.values())
-    print(f"synthesize: {cfg.train} train + {cfg.val} val scenes at {cfg.width}x{cfg.height} in {OUT} "
+    print(f"synthesize: {cfg.train} train + {cfg.val} val scenes at {cfg.width}x{cfg.height} in {SYNTHETIC} "
           f"({seconds:.1f} s, {total / seconds:.1f} images/s)")
 
 

@@ -4,65 +4,43 @@ Runs unchanged under `torchrun --nproc_per_node=N -m stages.train` (DDP, gloo on
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
+import torch.distributed
 
-from stages import artifacts
-from stages.augment import build_augment
-from stages.dataset import load_split
-from stages.errors import run_cli
-from stages.losses import build_loss, load_class_weights
-from stages.model import build_model
-from stages.params import load_params
-from stages.runtime import configure_cpu, resolve_device
-from stages.training import Dist, fit
-
-PREPARED = Path("data/prepared")
-CLASS_WEIGHTS = Path("data/class_weights.json")
-OUT = {"best": Path("models/best.pt"), "final": Path("models/final.pt"), "last": Path("models/last.pt"),
-       "history": Path("plots/train/history.csv")}
-METRICS = Path("metrics/train.json")
-
-
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    if "WORLD_SIZE" not in os.environ:
-        return Dist(), device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size()), device
+from offroad import artifacts
+from offroad.config import load_params
+from offroad.errors import run_cli
+from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
+from offroad.segmenter import build_model
+from offroad.training import fit
 
 
 def main() -> None:
     params = load_params()
     configure_cpu()
-    ddp, device = init_distributed(resolve_device(params.train.device))
-    names, ignore = params.data.class_names, params.data.ignore_index
-    train, val = load_split(PREPARED, "train"), load_split(PREPARED, "val")
-    weights = load_class_weights(CLASS_WEIGHTS, names) if params.loss.class_weighted else None
+    dist, device = init_distributed(resolve_device(params.train.device))
+    data = params.data
+    train = artifacts.load_split(artifacts.PREPARED, "train", data)
+    val = artifacts.load_split(artifacts.PREPARED, "val", data)
+    weights = artifacts.read_class_weights(data.class_names) if params.loss.class_weighted else None
 
     torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
-    model = build_model(params.model, len(names)).to(device)
+    model = build_model(params.model, data.num_classes).to(device)
     head = torch.compile(model.head) if params.train.compile else model.head
-    if ddp.world > 1:
+    if dist.world > 1:
         head = torch.nn.parallel.DistributedDataParallel(head)
-    loss_fn = build_loss(params.loss, None if weights is None else weights.to(device), ignore)
-    augment = build_augment(params.augment, ignore)
+    run = Run(device, params.train.amp, data.num_classes, data.ignore_index, dist)
 
-    log = print if ddp.main else (lambda _: None)
-    log(f"train: {len(train)} train / {len(val)} val images, device {device}, world {ddp.world}, "
-        f"backbone {params.model.backbone} ({params.model.weights}), augment {'on' if augment else 'off'}")
-    summary = fit(model, head, params, train, val, loss_fn, augment, weights, device, OUT, ddp, log)
-    if ddp.main:
-        artifacts.write_json(METRICS, {**summary, "device": device.type, "world_size": ddp.world,
-                                       "amp": params.train.amp, "backbone": params.model.backbone,
-                                       "backbone_weights": params.model.weights})
-    if ddp.world > 1:
-        dist.destroy_process_group()
+    log = print if dist.main else (lambda _: None)
+    log(f"train: {len(train)} train / {len(val)} val images, device {device}, world {dist.world}, "
+        f"backbone {params.model.backbone} ({params.model.weights}), augment {'on' if params.augment.enabled else 'off'}")
+    summary = fit(model, head, params, train, val, weights, run, log=log)
+    if dist.main:
+        artifacts.write_json(artifacts.TRAIN_METRICS, {
+            **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp,
+            "backbone": params.model.backbone, "backbone_weights": params.model.weights})
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from stages.dataset import PreparedSplit, load_split, prepare_split
-from stages.params import Params, validate
-from stages.synthetic import write_dataset
+from offroad.artifacts import PreparedSplit, load_split
+from offroad.data import prepare_split
+from offroad.config import Params, validate
+from offroad.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for seconds-long tests: synthetic scenes at 224x126, prepared at 112x56 (8x4 ViT tokens).
@@ -60,7 +61,7 @@ def tiny_params() -> Params:
 @dataclass(frozen=True)
 class TinyDataset:
     root: Path  # raw PNGs: root/{train,val}/{Color_Images,Segmentation}/NAME.png (224x126, 16-bit raw-id masks)
-    prepared: Path  # prepared arrays: prepared/{train,val}/{images.npy, masks.npy, names.txt} (112x56)
+    prepared: Path  # prepared arrays: prepared/{train,val}/{images.npy, masks.npy, split.json} (112x56)
     params: Params  # repo params + TINY, with data.root = root
     train: PreparedSplit  # 6 images
     val: PreparedSplit  # 3 images
@@ -68,7 +69,7 @@ class TinyDataset:
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> TinyDataset:
-    """A TinyDataset made once per session with stages.synthetic (seed 0) and stages.dataset.prepare_split.
+    """A TinyDataset made once per session with offroad.synthetic (seed 0) and offroad.data.prepare_split.
 
     Read-only: copy files before changing them. Every split holds Sky, Landscape and Dry Grass; rare
     classes (Logs above all) may be absent at this size.
@@ -83,7 +84,7 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
                        load_split(base / "prepared", "train"), load_split(base / "prepared", "val"))
 
 
-REPO_FILES = ["stages", "experiments", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+REPO_FILES = ["stages", "offroad", "experiments", "dvc_templates", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
               ".gitignore"]
 
 

@@ -1,11 +1,12 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from offroad.class_weights import compute_weights, inverse_frequency, median_frequency, pixel_counts
 from stages import class_weights
-from stages.class_weights import inverse_frequency, median_frequency, none, pixel_counts
-from stages.errors import PipelineError
+from offroad.errors import PipelineError
 from tests.conftest import REPORT_PIXELS, TINY, write_params
 
 # The report's weight column, rounded to 4 decimals as printed.
@@ -31,7 +32,7 @@ def test_median_frequency_and_none():
     # freq = [1/7, 2/7, 4/7], median 2/7
     assert np.allclose(median_frequency(np.array([10, 20, 40])), [2.0, 1.0, 0.5])
     assert np.allclose(median_frequency(np.array([10, 0, 20, 40])), [2.0, 2.0, 1.0, 0.5])
-    assert none(np.array([5, 0, 7])).tolist() == [1.0, 1.0, 1.0]
+    assert compute_weights("none", np.array([5, 0, 7]), 5.0).tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(PipelineError, match="no labelled pixels"):
         inverse_frequency(np.zeros(3), 5.0)
 
@@ -49,8 +50,7 @@ def test_stage_writes_weights_and_stats(tiny_dataset, tmp_path, monkeypatch, met
     monkeypatch.chdir(tmp_path)
     write_params("params.yaml", {**TINY, "class_weights.method": method, "class_weights.max_weight": 3.0})
     masks = np.array(tiny_dataset.train.masks)
-    (tmp_path / "data/prepared/train").mkdir(parents=True)
-    np.save("data/prepared/train/masks.npy", masks)
+    shutil.copytree(tiny_dataset.prepared / "train", "data/prepared/train")
     class_weights.main()
 
     out = json.loads((tmp_path / "data/class_weights.json").read_text())

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from stages.dataset import load_split
+from offroad.artifacts import load_split
 from tests.conftest import TINY, run_dvc, write_params
 
 DATA_STAGES = ("synthesize", "prepare", "class_weights")

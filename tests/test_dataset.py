@@ -1,10 +1,12 @@
+import json
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from stages.dataset import (DataError, SegmentationDataset, class_lut, find_split, load_split, map_mask,
-                            prepare_split, read_image, read_mask)
+from offroad.artifacts import ArtifactError, load_split
+from offroad.data import SegmentationDataset, class_lut, map_mask, prepare_split
+from offroad.raw import DataError, find_split, read_image, read_mask
 from tests.conftest import make_params
 
 DATA = make_params({"data.image_size": [28, 14]}).data
@@ -35,7 +37,7 @@ def test_prepare_maps_raw_ids_and_resizes(tmp_path):
     assert prepare_split(tmp_path / "raw", "train", tmp_path / "out", DATA, workers=1) == 3
     split = load_split(tmp_path / "out", "train")
     assert split.names == ["a.png", "b.png", "c.png"] and len(split) == 3
-    assert (tmp_path / "out" / "train" / "names.txt").read_text() == "a.png\nb.png\nc.png\n"
+    assert json.loads((tmp_path / "out" / "train" / "split.json").read_text())["names"] == ["a.png", "b.png", "c.png"]
     assert split.images.shape == (3, 14, 28, 3) and split.images.dtype == np.uint8
     assert split.masks.shape == (3, 14, 28) and split.masks.dtype == np.uint8
     assert isinstance(split.images, np.memmap) and isinstance(split.masks, np.memmap)
@@ -139,12 +141,13 @@ def test_readers_reject_what_is_not_the_real_format(tmp_path):
 
 
 def test_load_split_errors_name_the_folder(tmp_path):
-    with pytest.raises(DataError, match="dvc repro prepare"):
+    with pytest.raises(ArtifactError, match="dvc repro prepare"):
         load_split(tmp_path, "train")
     make_split(tmp_path / "raw" / "train")
     prepare_split(tmp_path / "raw", "train", tmp_path / "out", DATA, workers=1)
-    (tmp_path / "out" / "train" / "names.txt").write_text("a.png\n")
-    with pytest.raises(DataError, match="do not match"):
+    meta = tmp_path / "out" / "train" / "split.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "names": ["a.png"]}))
+    with pytest.raises(ArtifactError, match="do not match"):
         load_split(tmp_path / "out", "train")
 
 

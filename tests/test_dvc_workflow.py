@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import load_params, validate
+from offroad import codebase
+from offroad.config import load_params, validate
 from tests.conftest import REPO, TINY, copy_repo, git, run_dvc, with_overrides, write_params
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -24,6 +25,9 @@ TINY_RUN = {**TINY, "train.epochs": 2, "train.batch_size": 2, "train.num_workers
             "prepare.workers": 1}
 
 
+PACKAGES = ("stages", "offroad")
+
+
 def entry_module(stage: str) -> str:
     match = re.fullmatch(r"python -m (stages\.\w+)", DVC_YAML["stages"][stage]["cmd"])
     assert match, f"stage {stage}: cmd is not `python -m stages.NAME`"
@@ -31,7 +35,8 @@ def entry_module(stage: str) -> str:
 
 
 def import_closure(module: str) -> set[str]:
-    """Files of the `stages` package that `module` imports, transitively, itself included."""
+    """Files of the project's packages (stages, offroad) that `module` imports, transitively, itself included;
+    written here independently of offroad.codebase, which the train stage's resume fingerprint uses."""
     files, todo = set(), [module]
     while todo:
         path = todo.pop().replace(".", "/") + ".py"
@@ -40,27 +45,34 @@ def import_closure(module: str) -> set[str]:
         files.add(path)
         for node in ast.walk(ast.parse((REPO / path).read_text())):
             if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.startswith("stages.")]
-            elif isinstance(node, ast.ImportFrom):
-                target = "stages" + (f".{node.module}" if node.module else "") if node.level else node.module
-                if target == "stages":  # from stages import artifacts, metrics
-                    todo += [f"stages.{a.name}" for a in node.names]
-                elif target.startswith("stages."):
-                    todo.append(target)
+                todo += [a.name for a in node.names if a.name.split(".")[0] in PACKAGES]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                if node.module in PACKAGES:  # from offroad import artifacts, metrics
+                    todo += [f"{node.module}.{a.name}" for a in node.names]
+                elif node.module.split(".")[0] in PACKAGES:
+                    todo.append(node.module)
     return files
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_code_deps_are_exactly_its_import_closure(stage):
     deps = DVC_YAML["stages"][stage]["deps"]
-    code = {d for d in deps if d.startswith("stages/")}
-    assert code == import_closure(entry_module(stage))
-    assert len(code) == len([d for d in deps if d.startswith("stages/")])  # listed once
+    code = [d for d in deps if d.split("/")[0] in PACKAGES]
+    assert set(code) == import_closure(entry_module(stage))
+    assert len(code) == len(set(code))  # listed once
+    assert [str(p) for p in codebase.import_closure(entry_module(stage))] == sorted(code)
 
 
-def test_the_stages_package_init_is_empty():
-    # Every stage imports stages/__init__.py; it is left out of deps because it holds nothing.
-    assert (REPO / "stages/__init__.py").read_text().strip() == ""
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_inits_hold_no_code(package):
+    # Every module imports its package's __init__.py; it is left out of deps because it holds no code.
+    tree = ast.parse((REPO / package / "__init__.py").read_text())
+    assert all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in tree.body)
+
+
+def test_the_library_never_imports_the_stages():
+    for path in sorted((REPO / "offroad").glob("*.py")):
+        assert not any(f.startswith("stages/") for f in import_closure(f"offroad.{path.stem}")), path
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -150,17 +162,17 @@ def test_repro_runs_every_stage_once_in_order_then_nothing(dvc_repo):
 # downstream stages). Code edits append a comment to the file.
 CHANGES = [
     ({"synthetic.seed": 1}, {"synthesize"}),
-    ({"data.image_size": [84, 42]}, {"prepare"}),
-    ({"data.ignore_index": 254}, {"prepare", "train", "evaluate"}),
+    ({"data.image_size": [84, 42]}, {"prepare", "class_weights", "train", "evaluate"}),
+    ({"data.ignore_index": 254}, {"prepare", "class_weights", "train", "evaluate"}),
     ({"class_weights.max_weight": 2.5}, {"class_weights"}),
     ({"optimizer.lr": 2.0e-3}, {"train"}),
     ({"train.checkpoint": "final"}, {"evaluate"}),
     ({"evaluate.batch_size": 4}, {"evaluate"}),
     ({"plot.dpi": 50}, {"plot"}),
-    ("stages/augment.py", {"train"}),
-    ("stages/runtime.py", {"train", "evaluate"}),
-    ("stages/visualize.py", {"plot"}),
-    ("stages/params.py", set(STAGES)),
+    ("offroad/augment.py", {"train"}),
+    ("offroad/runtime.py", {"train", "evaluate"}),
+    ("offroad/figures.py", {"plot"}),
+    ("offroad/config.py", set(STAGES)),
 ]
 
 

@@ -10,12 +10,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages import evaluate, plot, predict
-from stages.dataset import class_lut, map_mask, read_mask
-from stages.errors import PipelineError
-from stages.model import build_model, head_checkpoint
-from stages.params import load_params
-from stages.visualize import IGNORE_COLOR, PALETTE, colorize, overlay, palette
+from offroad import artifacts, predict
+from offroad.segmenter import load_segmenter
+from stages import evaluate, plot
+from offroad.data import class_lut, map_mask
+from offroad.raw import read_mask
+from offroad.errors import PipelineError
+from offroad.segmenter import build_model, head_checkpoint
+from offroad.config import load_params
+from offroad.visualize import IGNORE_COLOR, PALETTE, colorize, overlay, palette
 from tests.conftest import TINY, write_params
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ["Background", "Trees", "Lush Bushes", "Dry Grass", "Dry Bushes", "Ground Clutter", "Logs", "Rocks",
@@ -38,20 +41,20 @@ def fabricate_plot_inputs(root: Path, epochs: int = 6, examples: int = 2) -> Non
         history.append([e, 0.9 - 0.3 * t, 0.8 - 0.2 * t, 0.3 + 0.1 * t, 0.3 + 0.1 * t - 0.01 * (e == epochs),
                         0.45 + 0.1 * t, 0.47 + 0.1 * t, 0.7 + 0.04 * t, 0.71 + 0.04 * t,
                         5e-4 * 0.5 * (1 + math.cos(math.pi * (e - 1) / epochs))])
-    write_csv(root / plot.HISTORY, history)
+    write_csv(root / artifacts.HISTORY, history)
     ious = rng.uniform(0.05, 0.95, len(NAMES))
-    write_csv(root / plot.PER_CLASS, [list(plot.PER_CLASS_COLUMNS)] +
+    write_csv(root / artifacts.PER_CLASS, [list(artifacts.PER_CLASS_COLUMNS)] +
               [[n, i, 2 * i / (1 + i), i, i, 0.1] for n, i in zip(NAMES, ious)])
     cm = rng.integers(0, 500, (10, 10)) + 5000 * np.eye(10, dtype=np.int64)
     cm[6] = 0  # Logs absent
-    write_csv(root / plot.CONFUSION, [["truth/prediction", *NAMES], *([n, *r] for n, r in zip(NAMES, cm.tolist()))])
+    write_csv(root / artifacts.CONFUSION, [["truth/prediction", *NAMES], *([n, *r] for n, r in zip(NAMES, cm.tolist()))])
     stats = {n: {"pixels": int(p), "share": float(p / 1e6), "weight": float(1e3 / p)}
              for n, p in zip(NAMES, rng.integers(500, 300_000, 10))}
-    (root / plot.CLASS_STATS).parent.mkdir(parents=True, exist_ok=True)
-    (root / plot.CLASS_STATS).write_text(json.dumps(stats))
+    (root / artifacts.CLASS_STATS).parent.mkdir(parents=True, exist_ok=True)
+    (root / artifacts.CLASS_STATS).write_text(json.dumps(stats))
     masks = rng.integers(0, 10, (examples, 28, 56)).astype(np.uint8)
     masks[:, :2] = 255
-    np.savez(root / plot.EXAMPLES, images=rng.integers(0, 256, (examples, 28, 56, 3), dtype=np.uint8), masks=masks,
+    np.savez(root / artifacts.EXAMPLES, images=rng.integers(0, 256, (examples, 28, 56, 3), dtype=np.uint8), masks=masks,
              preds=rng.integers(0, 10, (examples, 28, 56)).astype(np.uint8),
              names=np.array([f"{i:04d}.png" for i in range(examples)]))
 
@@ -66,12 +69,12 @@ def plot_dir(tmp_path, monkeypatch):
 
 def test_plot_writes_valid_deterministic_pngs(plot_dir):
     plot.main()
-    files = sorted(p.name for p in (plot_dir / plot.OUT).iterdir())
+    files = sorted(p.name for p in (plot_dir / artifacts.FIGURES).iterdir())
     assert files == ["all_metrics_curves.png", "class_distribution.png", "confusion_matrix.png", "lr_schedule.png",
                      "per_class_iou.png", "predictions.png"]
     first = {}
     for name in files:
-        path = plot_dir / plot.OUT / name
+        path = plot_dir / artifacts.FIGURES / name
         first[name] = path.read_bytes()
         assert first[name].startswith(PNG_SIGNATURE)
         with Image.open(path) as im:
@@ -81,28 +84,28 @@ def test_plot_writes_valid_deterministic_pngs(plot_dir):
             assert len(np.unique(np.asarray(im.convert("L")))) > 10, name  # something was drawn
         assert b"Software" not in first[name] and b"matplotlib" not in first[name]
     plot.main()
-    assert all((plot_dir / plot.OUT / n).read_bytes() == b for n, b in first.items())
+    assert all((plot_dir / artifacts.FIGURES / n).read_bytes() == b for n, b in first.items())
 
 
 def test_plot_dpi_comes_from_params(plot_dir):
     write_params(plot_dir / "params.yaml", {"plot.dpi": 30})
     plot.main()
-    with Image.open(plot_dir / plot.OUT / "lr_schedule.png") as im:
+    with Image.open(plot_dir / artifacts.FIGURES / "lr_schedule.png") as im:
         assert im.size == (7 * 30, 4 * 30)  # the 7x4 inch figure
 
 
 def test_plot_names_missing_or_mismatched_inputs(plot_dir):
-    (plot_dir / plot.HISTORY).unlink()
+    (plot_dir / artifacts.HISTORY).unlink()
     with pytest.raises(PipelineError, match="history.csv: not found"):
         plot.main()
     fabricate_plot_inputs(plot_dir)
-    write_csv(plot_dir / plot.PER_CLASS, [["class", "iou"], ["Sky", 0.9]])
+    write_csv(plot_dir / artifacts.PER_CLASS, [["class", "iou"], ["Sky", 0.9]])
     with pytest.raises(PipelineError, match=r"per_class.csv: missing columns \['dice'"):
         plot.main()
     fabricate_plot_inputs(plot_dir)
-    stats = json.loads((plot_dir / plot.CLASS_STATS).read_text())
+    stats = json.loads((plot_dir / artifacts.CLASS_STATS).read_text())
     stats["Flowers"] = stats.pop("Logs")
-    (plot_dir / plot.CLASS_STATS).write_text(json.dumps(stats))
+    (plot_dir / artifacts.CLASS_STATS).write_text(json.dumps(stats))
     with pytest.raises(PipelineError, match=r"class_stats.json: classes \['Flowers'\] are not in params"):
         plot.main()
 
@@ -153,14 +156,13 @@ def trained(tmp_path, tiny_dataset, monkeypatch, one_thread):
     return tmp_path, params, torch.tensor(list(weights.values()))
 
 
-def reference_scores(params, split, weights, batch_size):
-    """Predictions, per-image-weighted loss and per-class IoU of models/best.pt, without stages.metrics."""
-    segmenter = evaluate.load_segmenter(Path("models/best.pt"), params.model, params.data.class_names, "cpu")[0]
+def reference_scores(params, split, weights):
+    """Predictions, pixel-weighted loss and per-class IoU of models/best.pt, without offroad.metrics."""
+    segmenter = load_segmenter(Path("models/best.pt"), params.model, params.data.class_names, "cpu")[0]
     with torch.no_grad():
         logits = segmenter(torch.from_numpy(np.array(split.images)))
     target = torch.from_numpy(np.array(split.masks)).long()
-    loss = sum(F.cross_entropy(logits[i:i + batch_size], target[i:i + batch_size], weight=weights, ignore_index=255)
-               * len(target[i:i + batch_size]) for i in range(0, len(target), batch_size)) / len(target)
+    loss = F.cross_entropy(logits, target, weight=weights, ignore_index=255)  # over the whole split at once
     pred, gt = logits.argmax(1).numpy(), target.numpy()
     valid = gt != 255
     ious = {}
@@ -173,9 +175,9 @@ def reference_scores(params, split, weights, batch_size):
 def test_evaluate_writes_dataset_level_metrics_then_plot_draws_them(trained, tiny_dataset):
     root, params, weights = trained
     evaluate.main()
-    report = json.loads((root / evaluate.METRICS).read_text())
+    report = json.loads((root / artifacts.EVAL_METRICS).read_text())
     assert (report["checkpoint"], report["epoch"], report["split"], report["images"]) == ("models/best.pt", 2, "val", 3)
-    pred, loss, ious, accuracy = reference_scores(params, tiny_dataset.val, weights, batch_size=2)
+    pred, loss, ious, accuracy = reference_scores(params, tiny_dataset.val, weights)
     assert report["loss"] == pytest.approx(loss, abs=1e-5)
     assert report["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-5)
     assert report["miou"] == pytest.approx(np.mean(list(ious.values())), abs=1e-5)
@@ -185,28 +187,28 @@ def test_evaluate_writes_dataset_level_metrics_then_plot_draws_them(trained, tin
         else:
             assert c["iou"] is None and c["pixel_share"] == 0.0
 
-    with open(root / evaluate.PER_CLASS, newline="") as f:
+    with open(root / artifacts.PER_CLASS, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["class"] for r in rows] == sorted(ious, key=lambda n: -ious[n])
     assert all(float(r["iou"]) == report["per_class"][r["class"]]["iou"] for r in rows)
-    cm, cm_names = plot.read_confusion(root / evaluate.CONFUSION)
+    cm, cm_names = artifacts.read_confusion(root / artifacts.CONFUSION)
     assert cm_names == params.data.class_names
     assert cm.sum() == (np.array(tiny_dataset.val.masks) != 255).sum()
-    with np.load(root / evaluate.EXAMPLES) as z:
+    with np.load(root / artifacts.EXAMPLES) as z:
         np.testing.assert_array_equal(z["images"], tiny_dataset.val.images[:2])
         np.testing.assert_array_equal(z["masks"], tiny_dataset.val.masks[:2])
         np.testing.assert_array_equal(z["preds"], pred[:2])
         assert list(z["names"]) == tiny_dataset.val.names[:2]
-    examples_bytes = (root / evaluate.EXAMPLES).read_bytes()
-    table = (root / evaluate.TABLE).read_text()
+    examples_bytes = (root / artifacts.EXAMPLES).read_bytes()
+    table = (root / artifacts.EVAL_TABLE).read_text()
     table_miou = next(float(line.split()[-1]) for line in table.splitlines() if line.startswith("Mean IoU"))
     assert table_miou == pytest.approx(report["miou"], abs=1e-4)
     assert "    3*" in table  # best epoch of the history
 
     evaluate.main()
-    assert (root / evaluate.EXAMPLES).read_bytes() == examples_bytes
+    assert (root / artifacts.EXAMPLES).read_bytes() == examples_bytes
     plot.main()
-    assert len(list((root / plot.OUT).glob("*.png"))) == 6
+    assert len(list((root / artifacts.FIGURES).glob("*.png"))) == 6
 
 
 def test_evaluate_uses_the_checkpoint_params_choose(trained):
@@ -214,9 +216,9 @@ def test_evaluate_uses_the_checkpoint_params_choose(trained):
     write_params(root / "params.yaml", {**TINY, "train.device": "cpu", "train.checkpoint": "final",
                                         "evaluate.examples": 0})
     evaluate.main()
-    report = json.loads((root / evaluate.METRICS).read_text())
+    report = json.loads((root / artifacts.EVAL_METRICS).read_text())
     assert (report["checkpoint"], report["epoch"]) == ("models/final.pt", 3)
-    with np.load(root / evaluate.EXAMPLES) as z:
+    with np.load(root / artifacts.EXAMPLES) as z:
         assert z["images"].shape == (0, 56, 112, 3)
     (root / "models/final.pt").unlink()
     with pytest.raises(PipelineError, match="final.pt: checkpoint not found"):
@@ -238,7 +240,7 @@ def test_predict_writes_one_mask_per_image_and_scores_them(trained, tiny_dataset
     sources = sorted(images.glob("*.png"))
     assert sorted(p.name for p in (root / "out/masks").iterdir()) == [p.name for p in sources]
     assert sorted(p.name for p in (root / "out/overlays").iterdir()) == [p.name for p in sources]
-    segmenter = evaluate.load_segmenter(Path("models/best.pt"), params.model, params.data.class_names, "cpu")[0]
+    segmenter = load_segmenter(Path("models/best.pt"), params.model, params.data.class_names, "cpu")[0]
     assert tiny_dataset.val.names == [p.name for p in sources]
     lut, correct, total = class_lut(params.data), 0, 0
     for src, prepared in zip(sources, tiny_dataset.val.images):

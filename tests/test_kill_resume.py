@@ -30,9 +30,10 @@ OUTPUTS = ("models", "plots", "metrics")
 
 @pytest.fixture
 def workdir(tiny_dataset, tmp_path, monkeypatch) -> Path:
-    """What the train stage reads: stages/, params.yaml, data/prepared/ and data/class_weights.json."""
+    """What the train stage reads: stages/, offroad/, params.yaml, data/prepared/ and data/class_weights.json."""
     work = tmp_path / "work"
-    shutil.copytree(REPO / "stages", work / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "offroad"):
+        shutil.copytree(REPO / package, work / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_dataset.prepared, work / "data/prepared")
     write_params(work / "params.yaml", PARAMS)
     monkeypatch.chdir(work)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import PipelineError
-from stages.losses import build_loss, load_class_weights
-from stages.params import load_params
+from offroad.errors import PipelineError
+from offroad.artifacts import read_class_weights as load_class_weights
+from offroad.losses import build_loss
+from offroad.config import load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 IGNORE = 255
@@ -127,20 +128,20 @@ def write_weights(path, classes, weights):
 def test_load_class_weights(tmp_path):
     names = ["Sky", "Logs", "Rocks"]
     write_weights(tmp_path / "cw.json", names, {"Logs": 5.0, "Sky": 0.0104, "Rocks": 0.3278})
-    w = load_class_weights(tmp_path / "cw.json", names)
+    w = load_class_weights(names, tmp_path / "cw.json")
     assert w.dtype == torch.float32 and w.tolist() == pytest.approx([0.0104, 5.0, 0.3278])
 
 
 def test_class_weights_errors(tmp_path):
     names = ["Sky", "Logs"]
     with pytest.raises(PipelineError, match="cw.json: not found"):
-        load_class_weights(tmp_path / "cw.json", names)
+        load_class_weights(names, tmp_path / "cw.json")
     write_weights(tmp_path / "cw.json", ["Logs", "Sky"], {"Logs": 5.0, "Sky": 0.01})
     with pytest.raises(PipelineError, match=r"classes \['Logs', 'Sky'\] differ from params.yaml \['Sky', 'Logs'\]"):
-        load_class_weights(tmp_path / "cw.json", names)
+        load_class_weights(names, tmp_path / "cw.json")
     write_weights(tmp_path / "cw.json", names, {"Logs": float("nan"), "Sky": "1"})
     with pytest.raises(PipelineError, match=r"finite non-negative number for \['Sky', 'Logs'\]"):
-        load_class_weights(tmp_path / "cw.json", names)
+        load_class_weights(names, tmp_path / "cw.json")
     (tmp_path / "cw.json").write_text("{not json")
     with pytest.raises(PipelineError, match="cw.json: not valid JSON"):
-        load_class_weights(tmp_path / "cw.json", names)
+        load_class_weights(names, tmp_path / "cw.json")

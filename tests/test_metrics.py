@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.metrics import confusion_matrix, epoch_scores, format_summary, rounded, summarize
+from offroad.metrics import confusion_matrix, epoch_scores, format_summary, rounded, summarize
 
 IGNORE = 255
 

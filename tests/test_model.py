@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.artifacts import save_torch
-from stages.errors import PipelineError
-from stages.model import (CheckpointError, MultiScaleHead, Segmenter, WeightsError, attention, build_backbone,
-                          build_model, head_checkpoint, load_backbone_weights, load_segmenter, official_weights,
-                          preprocess)
-from stages.params import load_params
+from offroad.atomic import save_torch
+from offroad.errors import PipelineError
+from offroad.heads import MultiScaleHead
+from offroad.segmenter import Segmenter, build_model, head_checkpoint, load_segmenter
+from offroad.vit import WeightsError, attention, build_backbone, load_backbone_weights, official_weights, preprocess
+from offroad.config import load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -350,23 +350,23 @@ def test_head_checkpoint_round_trip(tmp_path, head):
 def test_load_segmenter_refuses_other_models(tmp_path):
     params = load_params(REPO_PARAMS)
     names = params.data.class_names
-    with pytest.raises(CheckpointError, match=r"models/best.pt: checkpoint not found"):
+    with pytest.raises(PipelineError, match=r"models/best.pt: checkpoint not found"):
         load_segmenter(tmp_path / "models/best.pt", params.model, names, "cpu")
     seg = build_model(params.model.model_copy(update={"head_channels": 8}), len(names))
     small = params.model_copy(update={"model": params.model.model_copy(update={"head_channels": 8})})
     save_torch(tmp_path / "best.pt", head_checkpoint(seg, small, 1, None))
-    with pytest.raises(CheckpointError, match=r"model.head_channels: checkpoint 8, params.yaml 128"):
+    with pytest.raises(PipelineError, match=r"model.head_channels: checkpoint 8, params.yaml 128"):
         load_segmenter(tmp_path / "best.pt", params.model, names, "cpu")
     for update, expected in [({"head": "multiscale", "head_channels": 8}, "model.head: checkpoint 'convnext', "
                                                                           "params.yaml 'multiscale'"),
                              ({"backbone": "dinov2_vits14_reg", "head_channels": 8}, "model.backbone"),
                              ({"init_seed": 7, "head_channels": 8}, "model.init_seed: checkpoint 0, params.yaml 7")]:
-        with pytest.raises(CheckpointError, match=expected):
+        with pytest.raises(PipelineError, match=expected):
             load_segmenter(tmp_path / "best.pt", params.model.model_copy(update=update), names, "cpu")
-    with pytest.raises(CheckpointError, match=r"trained for classes \['Background'.*params.yaml has \['Sky'"):
+    with pytest.raises(PipelineError, match=r"trained for classes \['Background'.*params.yaml has \['Sky'"):
         load_segmenter(tmp_path / "best.pt", small.model, ["Sky"] + names[1:], "cpu")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+    with pytest.raises(PipelineError, match="junk.pt: not a readable checkpoint"):
         load_segmenter(tmp_path / "junk.pt", small.model, names, "cpu")
 
 

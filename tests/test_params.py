@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import ParamsError, load_params, validate
+from offroad.config import ParamsError, load_params, validate
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import artifacts
+from offroad import atomic as artifacts
 from tests.conftest import REPO, REPO_FILES, TINY, run_dvc, with_overrides, write_params
 
 # The whole pipeline in ~30 s: 6 + 3 synthetic scenes at 112x56, two epochs, a small head.
@@ -346,7 +346,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 def test_save_torch_gives_the_same_bytes_wherever_and_whoever_writes(tmp_path):
     obj = {"head": {"w": torch.arange(6.0).view(2, 3)}, "epoch": 3}
     artifacts.save_torch(tmp_path / "a.pt", obj)
-    code = ("import sys, torch; from stages import artifacts; "
+    code = ("import sys, torch; from offroad import atomic as artifacts; "
             "artifacts.save_torch(sys.argv[1], {'head': {'w': torch.arange(6.0).view(2, 3)}, 'epoch': 3})")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "sub/b.pt")], cwd=REPO, check=True)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "sub/b.pt").read_bytes()
@@ -365,12 +365,13 @@ def keyword(call: ast.Call, name: str):
 
 
 def test_stages_load_checkpoints_weights_only_and_yaml_safely():
-    trees = {p.name: ast.parse(p.read_text()) for p in sorted((REPO / "stages").glob("*.py"))}
+    trees = {p.name: ast.parse(p.read_text()) for p in sorted([*(REPO / "stages").glob("*.py"),
+                                                                *(REPO / "offroad").glob("*.py")])}
     torch_loads = {name: calls(tree, "torch", {"load"}) for name, tree in trees.items()}
-    assert sum(map(len, torch_loads.values())) >= 3  # model weights, head checkpoints, resume state
+    assert sum(map(len, torch_loads.values())) >= 2  # backbone weights; checkpoints and resume state
     assert {name: [keyword(c, "weights_only") for c in found] for name, found in torch_loads.items() if found} == \
         {name: [True] * len(found) for name, found in torch_loads.items() if found}
-    assert [name for name, tree in trees.items() if calls(tree, "yaml", {"safe_load"})] == ["params.py"]
+    assert [name for name, tree in trees.items() if calls(tree, "yaml", {"safe_load"})] == ["config.py"]
     assert {name: len(calls(tree, "yaml", {"load", "load_all", "full_load", "unsafe_load"}))
             for name, tree in trees.items()} == dict.fromkeys(trees, 0)
     assert not [name for name, tree in trees.items() for node in ast.walk(tree)

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from stages.errors import PipelineError
-from stages.runtime import autocast, configure_cpu, resolve_device
+from offroad.errors import PipelineError
+from offroad.runtime import autocast, configure_cpu, resolve_device
 
 
 def test_auto_device_falls_back_to_the_cpu(monkeypatch):

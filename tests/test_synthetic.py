@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.dataset import UNKNOWN, class_lut
-from stages.synthetic import FLOWERS, LANDSCAPE, SKY, generate, write_dataset
+from offroad.data import UNKNOWN, class_lut
+from offroad.synthetic import FLOWERS, LANDSCAPE, SKY, generate, write_dataset
 from tests.conftest import REPORT_PIXELS, make_params
 
 RAW = {"Background": 0, "Trees": 100, "Lush Bushes": 200, "Dry Grass": 300, "Dry Bushes": 500,

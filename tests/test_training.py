@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment import build_augment
-from stages.losses import build_loss
-from stages.metrics import HISTORY_COLUMNS
-from stages.model import build_model
-from stages.training import Dist, TrainingError, epoch_batches, fit, lr_at
+from unittest import mock
+
+from offroad.artifacts import HISTORY_COLUMNS
+from offroad.augment import build_augment
+from offroad.losses import build_loss
+from offroad.runtime import Dist, Run
+from offroad.segmenter import build_model
+from offroad.training import Outputs, TrainingError, epoch_batches, fit, lr_at
 from tests.conftest import TINY, make_params
 
 TRAIN = {"train.epochs": 3, "train.batch_size": 4, "train.num_workers": 0, "train.device": "cpu"}
@@ -29,13 +32,13 @@ def run(tmp_path, splits, params, loss_fn=None, log=None):
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes)
     weights = torch.linspace(0.5, 2.0, params.data.num_classes) if params.loss.class_weighted else None
-    loss_fn = loss_fn or build_loss(params.loss, weights, params.data.ignore_index)
-    out = {k: tmp_path / f"{k}.pt" for k in ("best", "final", "last")} | {"history": tmp_path / "history.csv"}
-    summary = fit(model, model.head, params, *splits, loss_fn, build_augment(params.augment, 255), weights,
-                  torch.device("cpu"), out, log=log or (lambda _: None))
-    with open(out["history"]) as f:
+    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
+    run_ = Run(torch.device("cpu"), params.train.amp, params.data.num_classes, params.data.ignore_index)
+    with mock.patch("offroad.training.build_loss", side_effect=(lambda *_: loss_fn) if loss_fn else build_loss):
+        summary = fit(model, model.head, params, *splits, weights, run_, out, log=log or (lambda _: None))
+    with open(out.history) as f:
         rows = list(csv.DictReader(f))
-    return summary, rows, out
+    return summary, rows, vars(out)
 
 
 PHASE1 = {"optimizer.name": "sgd", "optimizer.lr": 1e-4, "scheduler.name": "constant", "augment.enabled": False,
@@ -54,13 +57,16 @@ def test_cosine_and_constant_lr_follow_the_formulas():
 
 
 def test_epoch_batches_cover_every_image_once_and_ddp_shares_rebuild_them():
-    single = epoch_batches(10, 4, seed=3, epoch=2, ddp=Dist())
+    def batches(*args):
+        return [b for b, _ in epoch_batches(*args)]
+
+    single = batches(10, 4, 3, 2, Dist())
     assert sorted(np.concatenate(single).tolist()) == list(range(10))
     assert [len(b) for b in single] == [4, 4, 2]
-    shares = [epoch_batches(10, 4, 3, 2, Dist(r, 2)) for r in range(2)]
+    shares = [batches(10, 4, 3, 2, Dist(r, 2)) for r in range(2)]
     for b, r0, r1 in zip(single, *shares):
         assert sorted(np.concatenate([r0, r1]).tolist()) == sorted(b.tolist())
-    assert not np.array_equal(np.concatenate(single), np.concatenate(epoch_batches(10, 4, 3, 3, Dist())))
+    assert not np.array_equal(np.concatenate(single), np.concatenate(batches(10, 4, 3, 3, Dist())))
 
 
 def test_loss_falls_and_history_has_the_report_columns(tmp_path, splits):

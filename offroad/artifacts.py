@@ -1,0 +1,262 @@
+"""The contract between stages: each file one stage writes and another reads, with its path, its writer
+and its reader in one place. dvc.yaml names the same paths (tests/test_architecture.py checks it)."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from offroad.atomic import atomic_dir, atomic_path, save_torch, write_json, write_text  # noqa: F401 (writers of the contract)
+from offroad.config import Data
+from offroad.errors import PipelineError
+
+SYNTHETIC = Path("data/synthetic")
+PREPARED = Path("data/prepared")
+CLASS_WEIGHTS = Path("data/class_weights.json")
+CLASS_STATS = Path("metrics/class_stats.json")
+CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
+LAST = Path("models/last.pt")  # resume state
+HISTORY = Path("plots/train/history.csv")
+TRAIN_METRICS = Path("metrics/train.json")
+EVAL_METRICS = Path("metrics/evaluate.json")
+EVAL_TABLE = Path("metrics/evaluation_metrics.txt")
+PER_CLASS = Path("plots/evaluate/per_class.csv")
+CONFUSION = Path("plots/evaluate/confusion.csv")
+EXAMPLES = Path("plots/evaluate/examples.npz")
+FIGURES = Path("plots/images")
+
+# one row per epoch (accuracies as fractions)
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_iou", "val_iou", "train_dice", "val_dice",
+                   "train_acc", "val_acc", "lr")
+PER_CLASS_COLUMNS = ("class", "iou", "dice", "precision", "recall", "pixel_share")
+DIGITS = 5  # rounding of the evaluation files, so `dvc metrics diff` stays readable
+
+
+class ArtifactError(PipelineError):
+    pass
+
+
+# --- prepared split: data/prepared/<split>/{images.npy, masks.npy, split.json} ---------------------------
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    images: np.ndarray  # memmap uint8 [N, H, W, 3]
+    masks: np.ndarray  # memmap uint8 [N, H, W], class index or ignore_index
+    names: list[str]
+    made_with: dict | None = None  # the data params prepare ran with, and a digest of the arrays
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def made_with(data: Data) -> dict:
+    """The data params that decide a prepared split's contents."""
+    return data.model_dump(mode="json", include={"image_size", "ignore_index", "ignore_raw", "classes"})
+
+
+@contextlib.contextmanager
+def write_split(prepared_dir: str | Path, split: str, names: list[str],
+                data: Data) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield writable (images, masks) arrays for `names`; the split appears complete or not at all."""
+    width, height = data.image_size
+    with atomic_dir(Path(prepared_dir) / split) as tmp:
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (len(names), height, width, 3))
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (len(names), height, width))
+        yield images, masks
+        digest = hashlib.sha256()
+        for array in (images, masks):
+            array.flush()
+            for start in range(0, len(array), 64):
+                digest.update(np.ascontiguousarray(array[start:start + 64]).data)
+        del images, masks
+        write_json(tmp / "split.json", {"names": names, "made_with": made_with(data), "sha256": digest.hexdigest()})
+
+
+def load_split(prepared_dir: str | Path, split: str, data: Data | None = None) -> PreparedSplit:
+    """The prepared split, memory-mapped; with `data`, refuse arrays prepared with other data params."""
+    folder = Path(prepared_dir) / split
+    try:
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        masks = np.load(folder / "masks.npy", mmap_mode="r")
+        meta = json.loads((folder / "split.json").read_text())
+        names = meta["names"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{folder}: prepared split missing or unreadable ({e}); run `dvc repro prepare`") from None
+    if not (len(images) == len(masks) == len(names)) or images.shape[1:3] != masks.shape[1:]:
+        raise ArtifactError(f"{folder}: images {images.shape}, masks {masks.shape} and {len(names)} names do not match")
+    if data is not None and meta.get("made_with") != made_with(data):
+        stale = sorted(k for k, v in made_with(data).items() if (meta.get("made_with") or {}).get(k) != v)
+        raise ArtifactError(f"{folder}: prepared with other data params ({', '.join(f'data.{k}' for k in stale)} "
+                            "differ from params.yaml); run `dvc repro prepare`")
+    return PreparedSplit(images, masks, names, {"made_with": meta.get("made_with"), "sha256": meta.get("sha256")})
+
+
+# --- class weights: data/class_weights.json and metrics/class_stats.json ---------------------------------
+
+def write_class_weights(names: list[str], method: str, max_weight: float, counts: np.ndarray,
+                        weights: np.ndarray) -> None:
+    shares = counts / max(counts.sum(), 1)
+    write_json(CLASS_WEIGHTS, {
+        "method": method, "max_weight": max_weight, "classes": names,
+        "counts": {n: int(c) for n, c in zip(names, counts)},
+        "shares": {n: float(s) for n, s in zip(names, shares)},
+        "weights": {n: float(w) for n, w in zip(names, weights)},
+    })
+    write_json(CLASS_STATS, {n: {"pixels": int(c), "share": float(s), "weight": float(w)}
+                             for n, c, s, w in zip(names, counts, shares, weights)})
+
+
+def read_class_weights(class_names: list[str], path: str | Path = CLASS_WEIGHTS) -> torch.Tensor:
+    """float32 [K] in class index order."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("classes") != list(class_names):
+        found = data.get("classes") if isinstance(data, dict) else None
+        raise ArtifactError(f"{path}: classes {found} differ from params.yaml {list(class_names)} "
+                            "(rerun `dvc repro class_weights`)")
+    weights = data.get("weights")
+    values = [weights.get(name) if isinstance(weights, dict) else None for name in class_names]
+    bad = [name for name, w in zip(class_names, values)
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
+    if bad:
+        raise ArtifactError(f"{path}: 'weights' lacks a finite non-negative number for {bad}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def read_class_stats(path: Path = CLASS_STATS) -> dict[str, dict]:
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not found (run `dvc repro`)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+
+
+# --- training history: plots/train/history.csv -----------------------------------------------------------
+
+def write_history(rows: list[dict], path: Path = HISTORY) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_history(path: str | Path = HISTORY) -> dict[str, np.ndarray]:
+    """One float array per column."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        history = {c: np.array([float(r[c]) for r in rows]) for c in HISTORY_COLUMNS}
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not found (run `dvc repro train`)") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: bad column or value ({e}); expected {', '.join(HISTORY_COLUMNS)}") from None
+    if not rows:
+        raise ArtifactError(f"{path}: no epochs")
+    return history
+
+
+# --- evaluation tables: plots/evaluate/{per_class,confusion}.csv -----------------------------------------
+
+def _csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def write_per_class(per_class: list[tuple[str, dict]], path: Path = PER_CLASS) -> None:
+    """(class, scores) rows in the given order; classes without an IoU (absent from the split) are left out."""
+    rows = [[name, *(round(c[k], DIGITS) for k in PER_CLASS_COLUMNS[1:])] for name, c in per_class
+            if c["iou"] is not None]
+    write_text(path, _csv([list(PER_CLASS_COLUMNS), *rows]))
+
+
+def read_per_class(path: Path = PER_CLASS) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not found (run `dvc repro evaluate`)") from None
+    missing = [c for c in PER_CLASS_COLUMNS if c not in header]
+    if missing or not rows:
+        raise ArtifactError(f"{path}: " + (f"missing columns {missing}" if missing else "no rows"))
+    try:
+        return [{"class": r["class"], **{c: float(r[c]) for c in PER_CLASS_COLUMNS[1:]}} for r in rows]
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+
+
+def write_confusion(cm: torch.Tensor, names: list[str], path: Path = CONFUSION) -> None:
+    write_text(path, _csv([["truth/prediction", *names], *([n, *row] for n, row in zip(names, cm.tolist()))]))
+
+
+def read_confusion(path: Path = CONFUSION) -> tuple[np.ndarray, list[str]]:
+    """Count matrix (rows = truth) and the class names from the header."""
+    try:
+        with open(path, newline="") as f:
+            header, *rows = list(csv.reader(f))
+        names = header[1:]
+        if [r[0] for r in rows] != names or any(len(r) != len(header) for r in rows):
+            raise ValueError
+        return np.array([[int(v) for v in r[1:]] for r in rows], dtype=np.int64).reshape(len(names), -1), names
+    except (FileNotFoundError, ValueError):
+        raise ArtifactError(f"{path}: not found, or not a square matrix with the header's classes as rows") from None
+
+
+# --- example predictions: plots/evaluate/examples.npz ----------------------------------------------------
+
+EXAMPLE_KEYS = ("images", "masks", "preds", "names")
+
+
+def write_examples(arrays: dict[str, np.ndarray], path: Path = EXAMPLES) -> None:
+    """np.savez with fixed zip timestamps, so equal arrays give equal bytes."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for name in EXAMPLE_KEYS:
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arrays[name]), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+
+
+def read_examples(path: Path = EXAMPLES) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in EXAMPLE_KEYS}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:  # missing, not an npz, corrupt, pickled
+        reason = str(e).split(". ")[0]  # numpy's pickle message goes on to suggest loading it unsafely
+        raise ArtifactError(f"{path}: not a readable examples archive ({reason}); run `dvc repro evaluate`") from None
+
+
+# --- checkpoints and the resume state: models/*.pt --------------------------------------------------------
+
+def read_torch(path: str | Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only: tensors and plain containers, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} not found" + (" (run `dvc repro train`)" if what == "checkpoint" else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"{path}: not a readable {what} ({load_error_reason(e)})") from None
+
+
+def load_error_reason(e: Exception) -> str:
+    """The informative line of a torch.load failure (its messages run to paragraphs)."""
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return line.split(". ")[0]

@@ -1,0 +1,61 @@
+"""The one evaluation routine: loss and confusion matrix of a model over a split.
+
+Training feeds it cached backbone features of the val split every epoch; the evaluate stage feeds it
+features computed from the images. Either way the loss is the pixel-weighted mean of the training loss
+(offroad.losses.pixel_weight), so neither the batch size nor the number of processes changes it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from offroad import metrics
+from offroad.losses import pixel_weight
+from offroad.runtime import Run, autocast
+from offroad.segmenter import Segmenter, predicted_labels
+
+Features = Callable[[np.ndarray], torch.Tensor]  # image indices -> backbone features
+
+
+@dataclass
+class Evaluation:
+    loss: float  # pixel-weighted mean loss over the split
+    cm: torch.Tensor  # int64 [K, K] on the CPU, rows = ground truth
+    preds: np.ndarray  # uint8 [E, H, W]: predictions for the first E of the indices given
+
+
+def image_features(model: Segmenter, images: np.ndarray, run: Run) -> Features:
+    """Features computed from the (memory-mapped) images on every call."""
+    def features(idx: np.ndarray) -> torch.Tensor:
+        with autocast(run.device, run.amp):
+            return model.features(torch.from_numpy(np.asarray(images[idx])).to(run.device))
+    return features
+
+
+def evaluate(model: Segmenter, features: Features, masks: np.ndarray, idx: np.ndarray, batch_size: int,
+             loss_fn: torch.nn.Module, class_weights: torch.Tensor | None, run: Run, keep: int = 0) -> Evaluation:
+    """Score `model` on the images `idx` (this process's share), all-reduced over the process group."""
+    model.eval()
+    cm = torch.zeros(run.num_classes, run.num_classes, dtype=torch.long, device=run.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # weighted loss, weight
+    preds = []
+    with torch.inference_mode():
+        for start in range(0, len(idx), batch_size):
+            b = idx[start:start + batch_size]
+            target = torch.from_numpy(np.asarray(masks[b])).to(run.device).long()
+            with autocast(run.device, run.amp):
+                logits = model.decode(features(b), target.shape[-2:])
+            weight = pixel_weight(target, class_weights, run.ignore_index)
+            # a batch without labelled pixels has a NaN mean loss and weight 0: it adds nothing
+            sums += torch.stack([torch.where(weight > 0, loss_fn(logits.float(), target) * weight, 0.0), weight])
+            pred = predicted_labels(logits)
+            cm += metrics.confusion_matrix(pred, target, run.num_classes, run.ignore_index)
+            if start < keep:
+                preds.append(pred[:keep - start].to(torch.uint8).cpu())
+    loss, weight = run.dist.sum(sums).tolist()
+    kept = torch.cat(preds).numpy() if preds else np.zeros((0, *masks.shape[1:]), np.uint8)
+    return Evaluation(loss / weight if weight else math.nan, run.dist.sum(cm).cpu(), kept)

@@ -1,0 +1,76 @@
+"""The raw dataset format (the real dataset's, and the synthetic one's).
+
+`<root>/<split>/Color_Images/NAME.png` (RGB) and `<root>/<split>/Segmentation/NAME.png` (16-bit
+single-channel raw class ids), optionally one folder deeper.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from offroad.errors import PipelineError
+
+IMAGES, MASKS = "Color_Images", "Segmentation"
+
+
+class DataError(PipelineError):
+    pass
+
+
+def find_split(root: str | Path, split: str) -> Path:
+    """The folder holding `Color_Images/` and `Segmentation/` for `split`: `root/split` or `root/*/split`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist (data.root in params.yaml)")
+    found = [d for d in [root / split, *sorted(root.glob(f"*/{split}"))]
+             if (d / IMAGES).is_dir() and (d / MASKS).is_dir()]
+    if not found:
+        raise DataError(f"no '{split}' split under {root}: expected {root / split}/{IMAGES}/ and "
+                        f"{root / split}/{MASKS}/ (or the same one folder deeper)")
+    if len(found) > 1:
+        raise DataError(f"'{split}' split found more than once under {root}: {', '.join(map(str, found))}")
+    return found[0]
+
+
+def _pngs(folder: Path) -> dict[str, Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    stray = [p.name for p in files if p.suffix.lower() != ".png"]
+    if stray:
+        print(f"warning: ignoring {len(stray)} non-PNG file(s) in {folder}: {', '.join(stray[:5])}", file=sys.stderr)
+    return {p.name: p for p in files if p.suffix.lower() == ".png"}
+
+
+def list_pairs(split_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(name, image, mask) for every PNG pair of a split folder, sorted by name."""
+    images, masks = _pngs(split_dir / IMAGES), _pngs(split_dir / MASKS)
+    unpaired = ((IMAGES, MASKS, images.keys() - masks.keys()), (MASKS, IMAGES, masks.keys() - images.keys()))
+    for what, other, names in unpaired:
+        if names:
+            shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
+            raise DataError(f"{split_dir}: {len(names)} file(s) in {what}/ have no partner in {other}/: {shown}")
+    if not images:
+        raise DataError(f"{split_dir}: no PNG files in {IMAGES}/")
+    return [(name, images[name], masks[name]) for name in sorted(images)]
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 [H, W, 3]."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"{path}: cannot decode image (missing, corrupt or truncated PNG)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Raw ids, uint16 [H, W]; anything but a 16-bit single-channel PNG is an error."""
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise DataError(f"{path}: cannot decode mask (missing, corrupt or truncated PNG)")
+    if mask.ndim != 2 or mask.dtype != np.uint16:
+        channels = 1 if mask.ndim == 2 else mask.shape[2]
+        raise DataError(f"{path}: mask is {mask.dtype.itemsize * 8}-bit with {channels} channel(s); "
+                        "expected a 16-bit single-channel PNG of raw class ids")
+    return mask
