@@ -58,6 +58,17 @@ class PreparedSplit:
     def __len__(self) -> int:
         return len(self.names)
 
+    def __reduce__(self):
+        # Pickled for spawned DataLoader workers and torchrun processes: the memory maps' paths, not their
+        # contents (1.45 GB for the real train split).
+        if all(isinstance(a, np.memmap) and a.filename for a in (self.images, self.masks)):
+            return _reopen, (self.images.filename, self.masks.filename, self.names, self.made_with)
+        return PreparedSplit, (self.images, self.masks, self.names, self.made_with)
+
+
+def _reopen(images: str, masks: str, names: list[str], meta: dict | None) -> PreparedSplit:
+    return PreparedSplit(np.load(images, mmap_mode="r"), np.load(masks, mmap_mode="r"), names, meta)
+
 
 def made_with(data: Data) -> dict:
     """The data params that decide a prepared split's contents."""

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
-
 import numpy as np
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -12,10 +10,7 @@ import cv2  # noqa: E402
 
 from offroad.config import Augment
 
-Augmenter = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-
-
-def build_augment(cfg: Augment, ignore_index: int) -> Augmenter | None:
+def build_augment(cfg: Augment, ignore_index: int) -> "Augmenter | None":
     """Return `augment(image, mask, seed) -> (image, mask)`, or None when augmentation is off.
 
     Geometric transforms resample the mask with nearest neighbour and fill new pixels with
@@ -36,13 +31,21 @@ def build_augment(cfg: Augment, ignore_index: int) -> Augmenter | None:
                       hue=j.hue, p=j.p),
     ], strict=True)
 
-    def augment(image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return Augmenter(compose)
+
+
+class Augmenter:
+    """`augment(image, mask, seed) -> (image, mask)`; a class, not a closure, so spawned DataLoader workers
+    can receive it pickled."""
+
+    def __init__(self, compose: A.Compose):
+        self.compose = compose
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         # Compose.set_random_seed gives every child the same seed, so their coin flips would
         # all agree (all-or-nothing): seed each transform independently instead.
-        child_seeds = np.random.SeedSequence(seed).generate_state(len(compose.transforms))
-        for transform, child in zip(compose.transforms, child_seeds):
+        child_seeds = np.random.SeedSequence(seed).generate_state(len(self.compose.transforms))
+        for transform, child in zip(self.compose.transforms, child_seeds):
             transform.set_random_seed(int(child))
-        out = compose(image=image, mask=mask)
+        out = self.compose(image=image, mask=mask)
         return out["image"], out["mask"]
-
-    return augment

@@ -168,6 +168,7 @@ class Train(Section):
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     num_workers: Count
     amp: bool
+    amp_dtype: Literal["bf16", "fp16"]
     early_stopping_patience: Count  # 0 = off
     checkpoint: Literal["best", "final"]
     compile: bool

@@ -38,6 +38,17 @@ def map_mask(raw: np.ndarray, lut: np.ndarray, source: str | Path) -> np.ndarray
     return mapped.astype(np.uint8)
 
 
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map to `size` = (width, height) that samples each output pixel's
+    footprint centre, source ((j + 0.5) W / w, (i + 0.5) H / h), as INTER_AREA centres the image. (OpenCV's
+    INTER_NEAREST takes the footprint's top-left corner, shifting labels by half an output pixel; its
+    INTER_NEAREST_EXACT rounds a few centres the other way.) Integer arithmetic, so exact."""
+    (w, h), (H, W) = size, labels.shape[:2]
+    rows = (2 * np.arange(h) + 1) * H // (2 * h)
+    cols = (2 * np.arange(w) + 1) * W // (2 * w)
+    return labels[rows[:, None], cols]
+
+
 def load_pair(image_path: Path, mask_path: Path, lut: np.ndarray,
               size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Decode, check, map and resize one pair to `size` = (width, height)."""
@@ -47,7 +58,7 @@ def load_pair(image_path: Path, mask_path: Path, lut: np.ndarray,
                         f"{image.shape[1]}x{image.shape[0]}")
     mask = map_mask(raw, lut, mask_path)
     return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
-            cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST))
+            resize_labels(mask, size))
 
 
 def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data, workers: int) -> int:
@@ -73,8 +84,9 @@ def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data,
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """(image uint8 [H, W, 3], mask int64 [H, W], index); `augment(image, mask, seed=...)` is seeded
-    from (seed, epoch, index) so samples do not depend on worker count or order."""
+    """(image uint8 [H, W, 3], mask int64 [H, W], index) for a key `index` or `(epoch, index)`;
+    `augment(image, mask, seed=...)` is seeded from (seed, epoch, index), so samples depend neither on the
+    worker count nor on the order. Keys carry the epoch so that persistent workers need no update."""
 
     def __init__(self, split: PreparedSplit, augment: Callable | None = None, seed: int = 0):
         self.split, self.augment, self.seed, self.epoch = split, augment, seed, 0
@@ -85,10 +97,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         image, mask = np.array(self.split.images[i]), np.array(self.split.masks[i])
         if self.augment is not None:
-            item_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+            item_seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
             image, mask = self.augment(image, mask, seed=item_seed)
         return (torch.from_numpy(np.ascontiguousarray(image)),
                 torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)), i)

@@ -15,7 +15,7 @@ import torch
 
 from offroad import metrics
 from offroad.losses import pixel_weight
-from offroad.runtime import Run, autocast
+from offroad.runtime import Run
 from offroad.segmenter import Segmenter, predicted_labels
 
 Features = Callable[[np.ndarray], torch.Tensor]  # image indices -> backbone features
@@ -28,12 +28,17 @@ class Evaluation:
     preds: np.ndarray  # uint8 [E, H, W]: predictions for the first E of the indices given
 
 
+def eval_features(model: Segmenter, images: np.ndarray, run: Run) -> torch.Tensor:
+    """Backbone features of uint8 images [B, H, W, 3], one image per forward: bf16 CPU kernels round differently
+    for different batch shapes, and evaluation must not depend on the batch size."""
+    with run.autocast():
+        return torch.cat([model.features(torch.from_numpy(np.asarray(image)[None]).to(run.device))
+                          for image in images])
+
+
 def image_features(model: Segmenter, images: np.ndarray, run: Run) -> Features:
     """Features computed from the (memory-mapped) images on every call."""
-    def features(idx: np.ndarray) -> torch.Tensor:
-        with autocast(run.device, run.amp):
-            return model.features(torch.from_numpy(np.asarray(images[idx])).to(run.device))
-    return features
+    return lambda idx: eval_features(model, images[idx], run)
 
 
 def evaluate(model: Segmenter, features: Features, masks: np.ndarray, idx: np.ndarray, batch_size: int,
@@ -47,7 +52,7 @@ def evaluate(model: Segmenter, features: Features, masks: np.ndarray, idx: np.nd
         for start in range(0, len(idx), batch_size):
             b = idx[start:start + batch_size]
             target = torch.from_numpy(np.asarray(masks[b])).to(run.device).long()
-            with autocast(run.device, run.amp):
+            with run.autocast():
                 logits = model.decode(features(b), target.shape[-2:])
             weight = pixel_weight(target, class_weights, run.ignore_index)
             # a batch without labelled pixels has a NaN mean loss and weight 0: it adds nothing

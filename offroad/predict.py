@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from offroad import artifacts
 from offroad.config import load_params
-from offroad.data import class_lut, map_mask
+from offroad.data import class_lut, map_mask, resize_labels
 from offroad.errors import PipelineError, run_cli
 from offroad.metrics import confusion_matrix, format_summary, rounded, summarize
 from offroad.raw import MASKS, read_image, read_mask
-from offroad.runtime import autocast, configure_cpu, resolve_device
+from offroad.runtime import AMP_DTYPES, autocast, configure_cpu, resolve_device
 from offroad.segmenter import Segmenter, load_segmenter, predicted_labels
 from offroad.visualize import colorize, overlay
 
@@ -54,14 +54,14 @@ def mask_paths(images: list[Path], masks_dir: Path) -> list[Path]:
 
 
 def segment(segmenter: Segmenter, image: np.ndarray, size: tuple[int, int], device: torch.device,
-            amp: bool) -> np.ndarray:
+            amp: bool, dtype: torch.dtype) -> np.ndarray:
     """Class ids [H, W] uint8 at the image's own size: model at `size` (w, h), nearest upsampling back."""
     h, w = image.shape[:2]
     resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp, dtype):
         logits = segmenter(torch.from_numpy(resized)[None].to(device))
     pred = predicted_labels(logits)[0].to(torch.uint8).cpu().numpy()
-    return cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST)
+    return resize_labels(pred, (w, h))
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     cm = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
     for i, path in enumerate(tqdm(images, desc="predict", unit="img", disable=None)):
         image = read_image(path)
-        pred = segment(segmenter, image, tuple(data.image_size), device, params.train.amp)
+        pred = segment(segmenter, image, tuple(data.image_size), device, params.train.amp,
+                       AMP_DTYPES[params.train.amp_dtype])
         write_png(args.out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))
         side_by_side = np.hstack([image, overlay(image, pred, data.num_classes)])
         write_png(args.out / "overlays" / f"{path.stem}.png", side_by_side)

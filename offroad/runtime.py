@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from offroad.config import Params
 from offroad.errors import PipelineError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.amp_dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +50,19 @@ class Run:
     num_classes: int
     ignore_index: int
     dist: Dist = field(default_factory=Dist)
+    amp_dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def from_params(cls, params: Params, device: torch.device, dist: Dist = Dist()) -> "Run":
+        t, data = params.train, params.data
+        return cls(device, t.amp, data.num_classes, data.ignore_index, dist, AMP_DTYPES[t.amp_dtype])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.amp, self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 autocast (its gradients underflow without it); a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
 
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
@@ -66,11 +81,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU and CUDA (bf16 needs no grad scaler)."""
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16) -> contextlib.AbstractContextManager:
+    """Mixed precision on CPU and CUDA: bf16 (Ampere and newer GPUs, CPUs with AVX-512 bf16 or AMX), or fp16
+    with a grad scaler (pre-Ampere GPUs such as the T4 and V100, where bf16 is emulated)."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def configure_cpu() -> None:

@@ -28,9 +28,9 @@ from offroad.codebase import ROOT, import_closure
 from offroad.config import Params
 from offroad.data import SegmentationDataset
 from offroad.errors import PipelineError
-from offroad.evaluation import Evaluation, evaluate
+from offroad.evaluation import Evaluation, eval_features, evaluate
 from offroad.losses import build_loss, pixel_weight
-from offroad.runtime import Dist, Run, autocast, synchronize
+from offroad.runtime import Dist, Run, synchronize
 from offroad.segmenter import Segmenter, head_checkpoint, predicted_labels
 
 TRAIN_ENTRY = "stages.train"  # its import closure is the code a resume state depends on
@@ -59,6 +59,7 @@ class State:
     best_head: dict | None = None
     head: dict | None = None
     optimizer: dict | None = None
+    scaler: dict | None = None  # fp16 loss scale
     complete: bool = False
 
 
@@ -90,8 +91,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, dist: Dist) ->
 class FeatureCache:
     """Backbone features of un-augmented images, each computed once on first use.
 
-    Kept in bf16 under amp: the head's first convolution casts them to bf16 anyway, so this halves
-    the memory without changing a result.
+    Kept in the autocast dtype under amp: the head's first convolution casts them to it anyway, so this
+    halves the memory without changing a result.
     """
 
     def __init__(self, model: Segmenter, images: np.ndarray, run: Run):
@@ -103,10 +104,8 @@ class FeatureCache:
         missing = sorted({int(i) for i in idx} - self.store.keys())
         if missing:
             start = time.perf_counter()
-            images = torch.from_numpy(self.images[missing]).to(self.run.device)
-            with autocast(self.run.device, self.run.amp):
-                feats = self.model.features(images)
-            self.store.update(zip(missing, feats.to(torch.bfloat16) if self.run.amp else feats))
+            feats = eval_features(self.model, self.images[missing], self.run)
+            self.store.update(zip(missing, feats.to(self.run.amp_dtype) if self.run.amp else feats))
             synchronize(self.run.device)
             self.computed += len(missing)
             self.seconds += time.perf_counter() - start
@@ -157,24 +156,46 @@ def history_row(epoch: int, lr: float, train: Evaluation, val: Evaluation) -> di
             "lr": float(f"{lr:.6g}")}
 
 
-def train_inputs(model: Segmenter, train: PreparedSplit, batches: list, dataset: SegmentationDataset | None,
-                 cache: FeatureCache | None, workers: int, run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+class EpochBatches(torch.utils.data.Sampler):
+    """Batch sampler of a DataLoader kept for the whole run, so its workers persist: `batches` is set to each
+    epoch's (epoch, index) keys before the loader is iterated."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def augmented_loader(dataset: SegmentationDataset, workers: int, run: Run,
+                     context: str | None = None) -> torch.utils.data.DataLoader:
+    """Workers receive the dataset pickled once (memory maps by path) and live until the run ends."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(), num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=run.device.type == "cuda",
+                                       multiprocessing_context=context if workers else None)
+
+
+def train_inputs(model: Segmenter, train: PreparedSplit, epoch: int, batches: list,
+                 loader: torch.utils.data.DataLoader | None, cache: FeatureCache | None,
+                 run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features, target) per batch: cached features of the plain images, or the backbone on augmented ones."""
-    if dataset is None:
+    if loader is None:
         for b, _ in batches:
             yield cache(b), torch.from_numpy(train.masks[b]).to(run.device).long()
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for b, _ in batches], num_workers=workers,
-                                         pin_memory=run.device.type == "cuda")
+    loader.batch_sampler.batches = [[(epoch, int(i)) for i in b] for b, _ in batches]
     for images, target, _ in loader:
-        with autocast(run.device, run.amp):
+        with run.autocast():
             feats = model.features(images.to(run.device, non_blocking=True))
         yield feats, target.to(run.device, non_blocking=True)
 
 
-def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
-                inputs: Iterator, batches: list, class_weights: torch.Tensor | None, run: Run,
-                desc: str) -> Evaluation:
+def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, loss_fn: torch.nn.Module, inputs: Iterator, batches: list,
+                class_weights: torch.Tensor | None, run: Run, desc: str) -> Evaluation:
     """One optimizer step per batch. Each process scales its mean loss by its share of the global batch's
     pixel weight (x world, as DDP averages gradients), so N processes take the same steps as one."""
     model.train()
@@ -183,7 +204,7 @@ def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # weighted loss, weight
     bar = tqdm(zip(batches, inputs), total=len(batches), desc=desc, leave=False, disable=None, file=sys.stderr)
     for step, ((_, counted), (feats, target)) in enumerate(bar):
-        with autocast(run.device, run.amp):
+        with run.autocast():
             logits = model.decode(feats, target.shape[-2:], head)
         loss = loss_fn(logits.float(), target)
         weight = pixel_weight(target, class_weights, run.ignore_index) * counted
@@ -195,8 +216,9 @@ def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.
         sums += torch.stack([torch.where(weight > 0, loss.detach() * weight, 0.0), weight])
         scale = dist.world * weight / global_weight
         optimizer.zero_grad(set_to_none=True)
-        (torch.where(weight > 0, loss, 0.0) * scale.float()).backward()
-        optimizer.step()
+        scaler.scale(torch.where(weight > 0, loss, 0.0) * scale.float()).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if counted:
             cm += metrics.confusion_matrix(predicted_labels(logits.detach()), target, K, run.ignore_index)
     loss_sum, weight_sum = dist.sum(sums).tolist()
@@ -212,13 +234,16 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
     state = load_state(out.last, fingerprint(params, train, val, class_weights), log)
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(params, [p for p in head.parameters() if p.requires_grad])
+    scaler = run.grad_scaler()
     if state.head is not None:
         model.head.load_state_dict(state.head)
         optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
     weights = None if class_weights is None else class_weights.to(run.device)
     loss_fn = build_loss(params.loss, weights, run.ignore_index)
     augment = build_augment(params.augment, run.ignore_index)
-    dataset = SegmentationDataset(train, augment, seed=cfg.seed) if augment else None
+    loader = augmented_loader(SegmentationDataset(train, augment, cfg.seed), cfg.num_workers, run) if augment else None
     train_cache = None if augment else FeatureCache(model, train.images, run)
     val_cache, val_idx = FeatureCache(model, val.images, run), np.arange(dist.rank, len(val), dist.world)
 
@@ -230,13 +255,12 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
         for g in optimizer.param_groups:
             g["lr"] = lr
         batches = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, dist)
-        if dataset is not None:
-            dataset.set_epoch(epoch)
+        if loader is not None:
             augmented_forwards += sum(len(b) for b, _ in batches)
-        inputs = train_inputs(model, train, batches, dataset, train_cache, cfg.num_workers, run)
+        inputs = train_inputs(model, train, epoch, batches, loader, train_cache, run)
         desc = f"epoch {epoch + 1}"
         try:
-            train_stats = train_epoch(model, head, optimizer, loss_fn, inputs, batches, weights, run, desc)
+            train_stats = train_epoch(model, head, optimizer, scaler, loss_fn, inputs, batches, weights, run, desc)
         except TrainingError as e:
             kept = (f"the last good state (epoch {state.epoch}) is kept in {out.last}" if state.epoch
                     else "no epoch had completed, nothing was saved")
@@ -245,6 +269,7 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
         val_stats = evaluate(model, val_cache, val.masks, val_idx, cfg.batch_size, loss_fn, weights, run)
         row = history_row(epoch + 1, lr_at(epoch + 1, params), train_stats, val_stats)
         improved = record_epoch(state, row, model, optimizer)
+        state.scaler = scaler.state_dict() if scaler.is_enabled() else None
         if dist.main:
             artifacts.save_torch(out.last, vars(state))
             artifacts.write_history(state.history, out.history)

@@ -17,7 +17,7 @@ def main() -> None:
     configure_cpu()
     params = load_params()
     data, cfg = params.data, params.evaluate
-    run = Run(resolve_device(params.train.device), params.train.amp, data.num_classes, data.ignore_index)
+    run = Run.from_params(params, resolve_device(params.train.device))
     checkpoint = artifacts.CHECKPOINTS[params.train.checkpoint]
     model, ckpt = load_segmenter(checkpoint, params.model, data.class_names, run.device)
     split = artifacts.load_split(artifacts.PREPARED, cfg.split, data)

@@ -4,6 +4,8 @@ Runs unchanged under `torchrun --nproc_per_node=N -m stages.train` (DDP, gloo on
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed
 
@@ -11,7 +13,7 @@ from offroad import artifacts
 from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
-from offroad.segmenter import build_model
+from offroad.segmenter import build_model, random_backbone_warning
 from offroad.training import fit
 
 
@@ -19,6 +21,9 @@ def main() -> None:
     params = load_params()
     configure_cpu()
     dist, device = init_distributed(resolve_device(params.train.device))
+    warning = random_backbone_warning(params.model, params.data.root, artifacts.SYNTHETIC)
+    if warning and dist.main:
+        print(warning, file=sys.stderr)
     data = params.data
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
@@ -29,7 +34,7 @@ def main() -> None:
     head = torch.compile(model.head) if params.train.compile else model.head
     if dist.world > 1:
         head = torch.nn.parallel.DistributedDataParallel(head)
-    run = Run(device, params.train.amp, data.num_classes, data.ignore_index, dist)
+    run = Run.from_params(params, device, dist)
 
     log = print if dist.main else (lambda _: None)
     log(f"train: {len(train)} train / {len(val)} val images, device {device}, world {dist.world}, "
@@ -37,7 +42,7 @@ def main() -> None:
     summary = fit(model, head, params, train, val, weights, run, log=log)
     if dist.main:
         artifacts.write_json(artifacts.TRAIN_METRICS, {
-            **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp,
+            **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp, "amp_dtype": params.train.amp_dtype,
             "backbone": params.model.backbone, "backbone_weights": params.model.weights})
     if dist.world > 1:
         torch.distributed.destroy_process_group()

@@ -46,7 +46,7 @@ def test_prepare_maps_raw_ids_and_resizes(tmp_path):
         area = image.reshape(14, 2, 28, 2, 3).astype(float).mean(axis=(1, 3))  # exact 2x area downscale
         assert np.abs(split.images[i] - area).max() <= 1
         mapped = np.vectorize(BY_HAND.get)(raw)
-        assert np.array_equal(split.masks[i], mapped[::2, ::2])  # nearest: no invented ids
+        assert np.array_equal(split.masks[i], mapped[1::2, 1::2])  # 2x2 footprints, centres at (2i + 1, 2j + 1)
     flowers = pairs["a.png"][1] == 600
     assert flowers.any() and (np.vectorize(BY_HAND.get)(pairs["a.png"][1])[flowers] == 0).all()
 
@@ -157,7 +157,7 @@ def test_tiny_dataset_is_the_prepared_form_of_its_pngs(tiny_dataset):
         assert split.images.shape[1:] == (56, 112, 3)
         for i, name in enumerate(split.names):
             raw = read_mask(next(tiny_dataset.root.glob(f"*/Segmentation/{name}")))
-            rows, cols = (np.arange(56) * 126 // 56), (np.arange(112) * 224 // 112)  # nearest = floor(i * scale)
+            rows, cols = (2 * np.arange(56) + 1) * 126 // 112, (2 * np.arange(112) + 1) * 224 // 224  # footprint centres
             assert np.array_equal(split.masks[i], lut[raw][rows][:, cols])
         present = set(np.unique(split.masks).tolist())
         assert {3, 8, 9} <= present  # Dry Grass, Landscape, Sky

@@ -1,0 +1,61 @@
+"""Mixed precision: bf16 autocast, or fp16 autocast with a grad scaler (pre-Ampere GPUs), on the CPU here."""
+import csv
+
+import pytest
+import torch
+
+from offroad.runtime import Run
+from offroad.segmenter import build_model
+from offroad.training import Outputs, fit
+from tests.conftest import TINY, make_params
+
+TRAIN = {**TINY, "train.epochs": 2, "train.batch_size": 3, "train.device": "cpu", "augment.enabled": False,
+         "loss.class_weighted": False, "optimizer.lr": 2e-3}
+
+
+def train(tmp_path, **overrides):
+    params = make_params({**TRAIN, **overrides})
+    torch.manual_seed(0)
+    model = build_model(params.model, params.data.num_classes)
+    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
+    return params, model, out
+
+
+@pytest.mark.parametrize("amp_dtype, scaled", [("bf16", False), ("fp16", True)])
+def test_grad_scaler_only_for_fp16(amp_dtype, scaled):
+    params = make_params({**TRAIN, "train.amp": True, "train.amp_dtype": amp_dtype})
+    run = Run.from_params(params, torch.device("cpu"))
+    assert run.grad_scaler().is_enabled() == scaled
+    assert run.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp_dtype]
+    with run.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == run.amp_dtype
+
+
+def test_fp16_training_scales_the_loss_and_tracks_fp32(tmp_path, tiny_dataset):
+    rows = {}
+    for name, overrides in {"fp32": {"train.amp": False}, "fp16": {"train.amp": True, "train.amp_dtype": "fp16"}}.items():
+        params, model, out = train(tmp_path / name, **overrides)
+        fit(model, model.head, params, tiny_dataset.train, tiny_dataset.val, None, Run.from_params(params, torch.device("cpu")),
+            out, log=lambda _: None)
+        with open(out.history) as f:
+            rows[name] = list(csv.DictReader(f))
+        state = torch.load(out.last, weights_only=True)
+        if name == "fp16":
+            assert state["scaler"]["scale"] > 1  # the loss was scaled up before backward
+        else:
+            assert state["scaler"] is None
+    for a, b in zip(rows["fp32"], rows["fp16"]):
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert float(b[key]) == pytest.approx(float(a[key]), abs=0.02)
+
+
+def test_a_random_backbone_on_other_data_is_warned_about(tmp_path):
+    from offroad.segmenter import random_backbone_warning
+    synthetic = tmp_path / "data/synthetic"
+    model = make_params().model
+    warning = random_backbone_warning(model, "data/raw/offroad", synthetic)
+    assert warning.startswith("warning: model.weights is 'random' but data.root is data/raw/offroad")
+    assert "-S model.weights=dinov2" in warning
+    assert random_backbone_warning(model, str(synthetic), synthetic) is None
+    dinov2 = make_params({"model.weights": "dinov2"}).model
+    assert random_backbone_warning(dinov2, "data/raw/offroad", synthetic) is None
