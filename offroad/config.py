@@ -164,6 +164,7 @@ class Augment(Section):
 class Train(Section):
     epochs: Positive
     batch_size: Positive
+    backbone_batch: Count  # images per frozen-backbone forward, in whole train batches (0: one batch)
     seed: Count
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     num_workers: Count
