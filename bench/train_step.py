@@ -71,7 +71,7 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     model.features = timed_features
     K = params.data.num_classes
     weights = torch.ones(K) if params.loss.class_weighted else None
-    run = Run(device, params.train.amp, K, params.data.ignore_index)
+    run = Run.from_params(params, device)
     stamps = [(time.perf_counter(), 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Outputs(*(Path(tmp) / f"{k}.pt" for k in ("best", "final", "last")), Path(tmp) / "h.csv")
