@@ -1,13 +1,15 @@
 """Stage `train`: fit the segmentation head on the prepared data (python -m stages.train).
 
-Runs unchanged under `torchrun --nproc_per_node=N -m stages.train` (DDP, gloo on CPU, nccl on CUDA).
+With train.processes (per node) x train.nodes above 1 it is the launcher: it checks the inputs once, then
+starts the DDP workers (offroad.launch), which run this module again inside the process group (gloo on the
+CPU, nccl on CUDA). A hand-run `torchrun -m stages.train` starts workers directly.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed
 
-from offroad import artifacts
+from offroad import artifacts, launch
 from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
@@ -17,12 +19,15 @@ from offroad.training import fit
 
 def main() -> None:
     params = load_params()
-    configure_cpu()
-    dist, device = init_distributed(resolve_device(params.train.device))
     data = params.data
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
     weights = artifacts.read_class_weights(data.class_names) if params.loss.class_weighted else None
+    if launch.needed(params.train):
+        return launch.launch(params.train, resolve_device(params.train.device), "stages.train")
+    launch.die_with_launcher()
+    configure_cpu()
+    dist, device = init_distributed(resolve_device(params.train.device))
 
     torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
     model = build_model(params.model, data.num_classes).to(device)
