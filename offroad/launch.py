@@ -59,6 +59,7 @@ def check(cfg: Train, device: torch.device) -> None:
 def launch(cfg: Train, device: torch.device, module: str, log=print) -> None:
     """Run `python -m module` in cfg.processes workers on this node (and join cfg.nodes - 1 other nodes);
     return when all have finished, raise LaunchError naming the rank of the first that failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -77,6 +78,9 @@ def launch(cfg: Train, device: torch.device, module: str, log=print) -> None:
         elastic_launch(config, entrypoint=sys.executable)("-m", module)
     except ChildFailedError as e:
         raise LaunchError(describe_failures(e.failures, world)) from None
+    except SignalException as e:  # Ctrl-C or a kill of the launcher: the workers were stopped
+        raise LaunchError(f"train: stopped by {e.sigval.name}, all {world} workers too; models/last.pt keeps the "
+                          "last completed epoch and `dvc repro` resumes from it") from None
     except RendezvousError as e:
         raise LaunchError(f"rendezvous at {endpoint} failed: not all {cfg.nodes} nodes joined "
                           f"({type(e).__name__}: {e})") from None
@@ -101,9 +105,13 @@ def describe_failures(failures: dict, world: int) -> str:
 
 
 def die_with_launcher() -> None:
-    """Workers run in sessions of their own: have the kernel kill this one if its launcher dies (Linux)."""
+    """Workers run in sessions of their own: have the kernel kill this one if its launcher dies (Linux); the
+    launcher's SIGINT (Ctrl-C), passed on to them, ends them without a traceback each."""
     launcher = os.environ.get(LAUNCHER_PID)
-    if launcher is None or not sys.platform.startswith("linux"):
+    if launcher is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != int(launcher):  # it died before prctl
