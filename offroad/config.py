@@ -173,6 +173,8 @@ class Train(Section):
     early_stopping_patience: Count  # 0 = off
     checkpoint: Literal["best", "final"]
     compile: bool
+    processes: Positive  # per node; above 1 (or nodes above 1) stages.train launches DDP workers
+    nodes: Positive  # machines joining one run through OFFROAD_RDZV_ENDPOINT (README "GPUs")
 
 
 class Evaluate(Section):

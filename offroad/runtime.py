@@ -28,18 +28,36 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the torchrun process group (rank 0 of 1 without torchrun)."""
+    """This process's place in the process group (rank 0 of 1 without a launcher). `local` is its rank on
+    its node: local rank 0 writes the node's outputs (every node its own copy, see README "GPUs")."""
     rank: int = 0
     world: int = 1
+    local: int = 0
 
     @property
     def main(self) -> bool:
-        return self.rank == 0
+        return self.local == 0
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+    def gather(self, obj):
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def from_rank0(self, make):
+        """`make()` run on rank 0 only, its result on every rank."""
+        if self.world == 1:
+            return make()
+        box = [make() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 @dataclass(frozen=True)
@@ -66,14 +84,16 @@ class Run:
 
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if there is one: nccl on CUDA (one GPU per process), gloo on the CPU."""
+    """Join the launcher's process group if there is one (offroad.launch or torchrun): nccl on CUDA (the GPU
+    of the local rank), gloo on the CPU."""
     if "WORLD_SIZE" not in os.environ:
         return Dist(), device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    local = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size()), device
+    return Dist(dist.get_rank(), dist.get_world_size(), local), device
 
 
 def synchronize(device: torch.device) -> None:
@@ -90,14 +110,15 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfl
 
 
 def configure_cpu() -> None:
-    """One intra-op thread per core unless the user set OMP_NUM_THREADS; glibc malloc keeps freed memory.
+    """The node's cores shared by its processes (LOCAL_WORLD_SIZE, set by a launcher) unless the user set
+    OMP_NUM_THREADS; glibc malloc keeps freed memory.
 
     glibc's default hands the memory of large tensors back to the OS and page-faults it in again on the next
     forward until its thresholds adapt: on the 2-core test machine ViT-S bf16 forwards ran at 9-14 images/s
     instead of 15 (4x the page faults); a train run was 2-4 % slower.
     """
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB come from the heap (old glibc's maximum)

@@ -3,8 +3,9 @@
 Read `fit` top to bottom; `train_epoch` is one pass over the train split. The backbone is frozen, so
 features of un-augmented images never change: val features (and train features when augmentation is
 off) are computed once per run and reused every epoch. Train metrics come from the training forward
-passes themselves. Under torchrun each process takes an interleaved share of every global batch and of
-the val split; confusion matrices and loss sums are all-reduced, rank 0 writes the files.
+passes themselves. With several processes (offroad.launch) each takes an interleaved share of every global
+batch and of the val split; confusion matrices and loss sums are all-reduced, rank 0's resume state is the
+one every rank starts from, and each node's local rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def fingerprint(params: Params, train: PreparedSplit, val: PreparedSplit, class_
     keyed = params.model_dump(mode="json", include={"data": {"classes", "ignore_index"}, "model": True,
                                                     "optimizer": True, "scheduler": True, "loss": True,
                                                     "augment": True, "train": True})
-    for k in ("num_workers", "compile"):
+    for k in ("num_workers", "compile", "processes", "nodes"):  # how it runs, not what it computes
         keyed["train"].pop(k)
     h = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode())
     for split in (train, val):
@@ -240,7 +241,12 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
     """Train `head` (the module the optimizer sees: model.head, or a DDP / compiled wrapper of it), writing
     out.best, out.final, out.last and out.history. Returns the run's summary for metrics/train.json."""
     cfg, dist = params.train, run.dist
-    state = load_state(out.last, fingerprint(params, train, val, class_weights), log)
+    fp = fingerprint(params, train, val, class_weights)
+    others = [rank for rank, theirs in enumerate(dist.gather(fp)) if theirs != fp]
+    if others:
+        raise TrainingError(f"rank(s) {others} train with other params, prepared data, class weights or code than "
+                            f"rank {dist.rank}: every node needs the same commit and data (`dvc pull` or `dvc repro`)")
+    state = dist.from_rank0(lambda: load_state(out.last, fp, log))
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(params, [p for p in head.parameters() if p.requires_grad])
     scaler = run.grad_scaler()
@@ -280,9 +286,8 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
         row = history_row(epoch + 1, lr_at(epoch + 1, params), train_stats, val_stats)
         improved = record_epoch(state, row, model, optimizer)
         state.scaler = scaler.state_dict() if scaler.is_enabled() else None
-        if dist.main:
+        if dist.main:  # the resume state; the other outputs are written once, at the end
             artifacts.save_torch(out.last, vars(state))
-            artifacts.write_history(state.history, out.history)
         log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.4f}/{row['val_loss']:.4f} | "
             f"mIoU {row['train_iou']:.4f}/{row['val_iou']:.4f} | acc {row['train_acc']:.4f}/{row['val_acc']:.4f} | "
             f"lr {row['lr']:.3g}" + (" *best" if improved else ""))

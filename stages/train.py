@@ -1,6 +1,8 @@
 """Stage `train`: fit the segmentation head on the prepared data (python -m stages.train).
 
-Runs unchanged under `torchrun --nproc_per_node=N -m stages.train` (DDP, gloo on CPU, nccl on CUDA).
+With train.processes (per node) x train.nodes above 1 it is the launcher: it checks the inputs once, then
+starts the DDP workers (offroad.launch), which run this module again inside the process group (gloo on the
+CPU, nccl on CUDA). A hand-run `torchrun -m stages.train` starts workers directly.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import sys
 import torch
 import torch.distributed
 
-from offroad import artifacts
+from offroad import artifacts, launch
 from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
@@ -19,15 +21,18 @@ from offroad.training import fit
 
 def main() -> None:
     params = load_params()
-    configure_cpu()
-    dist, device = init_distributed(resolve_device(params.train.device))
-    warning = random_backbone_warning(params.model, params.data.root, artifacts.SYNTHETIC)
-    if warning and dist.main:
-        print(warning, file=sys.stderr)
     data = params.data
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
     weights = artifacts.read_class_weights(data.class_names) if params.loss.class_weighted else None
+    if launch.needed(params.train):
+        return launch.launch(params.train, resolve_device(params.train.device), "stages.train")
+    launch.die_with_launcher()
+    configure_cpu()
+    dist, device = init_distributed(resolve_device(params.train.device))
+    warning = random_backbone_warning(params.model, data.root, artifacts.SYNTHETIC)
+    if warning and dist.main:
+        print(warning, file=sys.stderr)
 
     torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
     model = build_model(params.model, data.num_classes).to(device)
@@ -42,8 +47,9 @@ def main() -> None:
     summary = fit(model, head, params, train, val, weights, run, log=log)
     if dist.main:
         artifacts.write_json(artifacts.TRAIN_METRICS, {
-            **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp, "amp_dtype": params.train.amp_dtype,
-            "backbone": params.model.backbone, "backbone_weights": params.model.weights})
+            **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp,
+            "amp_dtype": params.train.amp_dtype, "backbone": params.model.backbone,
+            "backbone_weights": params.model.weights})
     if dist.world > 1:
         torch.distributed.destroy_process_group()
 

@@ -1,0 +1,118 @@
+"""Several training processes from one command: torch's elastic launcher (what torchrun runs), one node or many.
+
+`python -m stages.train` with `train.processes` × `train.nodes` above 1 becomes the launcher: it starts
+`train.processes` workers on this node, each running the same module with WORLD_SIZE set (the worker path of
+the stage). Nodes find each other through torchrun's c10d rendezvous at OFFROAD_RDZV_ENDPOINT; ranks are
+assigned by it. A worker that fails stops them all (no restarts) and the launcher names its rank.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import uuid
+
+import torch
+
+from offroad.config import Train
+from offroad.errors import PipelineError
+
+RDZV_ENDPOINT = "OFFROAD_RDZV_ENDPOINT"  # host:port of the c10d rendezvous, the same on every node
+RDZV_ID = "OFFROAD_RDZV_ID"  # optional: tells apart several multi-node jobs sharing one endpoint
+LAUNCHER_PID = "OFFROAD_LAUNCHER_PID"  # set for the workers: they die with the launcher
+PR_SET_PDEATHSIG = 1
+
+
+class LaunchError(PipelineError):
+    pass
+
+
+def is_worker() -> bool:
+    """Started by a launcher (this one or a hand-run torchrun): join its process group."""
+    return "WORLD_SIZE" in os.environ
+
+
+def needed(cfg: Train) -> bool:
+    return cfg.processes * cfg.nodes > 1 and not is_worker()
+
+
+def check(cfg: Train, device: torch.device) -> None:
+    """A launch that cannot work fails here, before any process starts."""
+    if device.type == "cuda":
+        if device.index is not None:
+            raise LaunchError(f"train.device is '{device}' but train.processes is {cfg.processes}: every process "
+                              "takes the GPU of its local rank, use train.device 'cuda' or 'auto'")
+        gpus = torch.cuda.device_count()
+        if cfg.processes > gpus:
+            raise LaunchError(f"train.processes is {cfg.processes} but this node has {gpus} CUDA device(s): "
+                              "one process per GPU")
+    if cfg.nodes > 1:
+        endpoint = os.environ.get(RDZV_ENDPOINT, "")
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise LaunchError(f"train.nodes is {cfg.nodes}: set {RDZV_ENDPOINT}=HOST:PORT (the same on every node, "
+                              f"HOST one of the nodes), got {endpoint!r}")
+
+
+def launch(cfg: Train, device: torch.device, module: str, log=print) -> None:
+    """Run `python -m module` in cfg.processes workers on this node (and join cfg.nodes - 1 other nodes);
+    return when all have finished, raise LaunchError naming the rank of the first that failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    check(cfg, device)
+    endpoint = os.environ[RDZV_ENDPOINT] if cfg.nodes > 1 else "localhost:0"  # :0 = any free port
+    run_id = os.environ.get(RDZV_ID, "offroad-train") if cfg.nodes > 1 else uuid.uuid4().hex
+    config = LaunchConfig(min_nodes=cfg.nodes, max_nodes=cfg.nodes, nproc_per_node=cfg.processes, run_id=run_id,
+                          rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0)
+    world = cfg.processes * cfg.nodes
+    log(f"train: launching {cfg.processes} process(es) on this node, {cfg.nodes} node(s), world {world}, "
+        f"{'nccl' if device.type == 'cuda' else 'gloo'}, rendezvous c10d at {endpoint}")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is reported below
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", module)
+    except ChildFailedError as e:
+        raise LaunchError(describe_failures(e.failures, world)) from None
+    except SignalException as e:  # Ctrl-C or a kill of the launcher: the workers were stopped
+        raise LaunchError(f"train: stopped by {e.sigval.name}, all {world} workers too; models/last.pt keeps the "
+                          "last completed epoch and `dvc repro` resumes from it") from None
+    except RendezvousError as e:
+        raise LaunchError(f"rendezvous at {endpoint} failed: not all {cfg.nodes} nodes joined "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def describe_failures(failures: dict, world: int) -> str:
+    """One line: the failed ranks, the cause first: killed by a signal, else exited with an error; last those
+    the launcher itself stopped with SIGTERM."""
+    def what(rank: int) -> str:
+        f = failures[rank]
+        how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with status {f.exitcode}"
+        return f"rank {rank} (pid {f.pid}) {how}"
+
+    def order(rank: int) -> tuple:
+        f = failures[rank]
+        return f.exitcode == -signal.SIGTERM, f.exitcode >= 0, f.timestamp, rank
+
+    ranks = sorted(failures, key=order)
+    return (f"train: worker {what(ranks[0])}" + "".join(f"; {what(r)}" for r in ranks[1:]) +
+            f"; all {world} workers were stopped, models/last.pt keeps the last completed epoch "
+            "and `dvc repro` resumes from it")
+
+
+def die_with_launcher() -> None:
+    """Workers run in sessions of their own: have the kernel kill this one if its launcher dies (Linux); the
+    launcher's SIGINT (Ctrl-C), passed on to them, ends them without a traceback each."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(launcher):  # it died before prctl
+        os._exit(1)
