@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from offroad.errors import worker_init
 from offroad.raw import IMAGES, MASKS
 
 # Raw ids of the real masks.
@@ -275,7 +276,7 @@ def write_dataset(root: str | Path, counts: dict[str, int], seed: int, width: in
     splits = [split for split, n in counts.items() for _ in range(n)]
     indices = [i for n in counts.values() for i in range(n)]
     write = functools.partial(write_sample, root, seed=seed, width=width, height=height)
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=worker_init) if workers > 1 else None
     try:
         done = pool.map(write, splits, indices, chunksize=4) if pool else map(write, splits, indices)
         for _ in tqdm(done, total=len(splits), desc="synthesize", unit="img", disable=None):

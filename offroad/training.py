@@ -27,7 +27,7 @@ from offroad.augment import build_augment
 from offroad.codebase import ROOT, import_closure
 from offroad.config import Params
 from offroad.data import SegmentationDataset
-from offroad.errors import PipelineError
+from offroad.errors import PipelineError, warn
 from offroad.evaluation import Evaluation, evaluate
 from offroad.losses import build_loss, pixel_weight
 from offroad.runtime import Dist, Run, autocast, synchronize
@@ -60,6 +60,18 @@ class State:
     head: dict | None = None
     optimizer: dict | None = None
     complete: bool = False
+
+
+def warn_about_weights(root: str, weights: str) -> None:
+    """The backbone weights that most likely do not fit the data: pretrained on the synthetic set, random on
+    real data."""
+    synthetic = Path(root) == artifacts.SYNTHETIC
+    if synthetic and weights != "random":
+        warn(f"model.weights is {weights!r} but data.root is the synthetic desert ({root}); "
+             "set data.root to the real dataset (README: The real dataset)")
+    elif not synthetic and weights == "random":
+        warn(f"model.weights is 'random' with data.root {root}: the backbone is untrained and the scores will be "
+             "poor; set model.weights: dinov2 (README: Pretrained weights)")
 
 
 def lr_at(epoch: int, params: Params) -> float:

@@ -12,7 +12,7 @@ from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
 from offroad.segmenter import build_model
-from offroad.training import fit
+from offroad.training import fit, warn_about_weights
 
 
 def main() -> None:
@@ -20,9 +20,14 @@ def main() -> None:
     configure_cpu()
     dist, device = init_distributed(resolve_device(params.train.device))
     data = params.data
+    # everything that can be checked is checked here, in seconds, not after the first epoch
+    artifacts.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, artifacts.TRAIN_METRICS, artifacts.HISTORY)
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
+    artifacts.label_counts(train.masks, artifacts.PREPARED / "train", data, "there is nothing to learn from")
+    artifacts.label_counts(val.masks, artifacts.PREPARED / "val", data, "there is nothing to choose the best epoch by")
     weights = artifacts.read_class_weights(data.class_names) if params.loss.class_weighted else None
+    warn_about_weights(data.root, params.model.weights)
 
     torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
     model = build_model(params.model, data.num_classes).to(device)
@@ -44,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, kept=f"the state after the last completed epoch (if any) is kept in {artifacts.LAST}")
