@@ -95,7 +95,8 @@ def save_torch(path: str | Path, obj: Any) -> None:
         try:
             torch.save(obj, f)
         except RuntimeError as e:  # torch's zip writer reports a failed write as "unexpected pos"
-            raise WriteError(f"{path}: cannot write (torch.save: {str(e).splitlines()[0]}; is the disk full?)") from None
+            reason = str(e).splitlines()[0]
+            raise WriteError(f"{path}: cannot write (torch.save: {reason}; is the disk full?)") from None
 
 
 def _remove_orphans(path: Path) -> None:

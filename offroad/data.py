@@ -6,7 +6,6 @@ import functools
 import math
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from offroad.artifacts import PreparedSplit, write_split
 from offroad.config import Data
-from offroad.errors import worker_init
+from offroad.errors import check_interrupt, worker_pool
 from offroad.raw import DataError, find_split, list_pairs, read_image, read_mask
 
 UNKNOWN = -1  # class_lut value of a raw id that data.classes does not map
@@ -57,9 +56,9 @@ def warn_about_sizes(folder: Path, names: list[str], sizes: list[tuple[int, int]
     """Legal but most likely a mistake: images upscaled to data.image_size, or stretched to its aspect ratio."""
     w, h = size
     upscaled = [(n, s) for n, s in zip(names, sizes) if s[0] < w or s[1] < h]
-    stretched = [(n, s) for n, s in zip(names, sizes) if abs(math.log(s[0] / s[1] * h / w)) > math.log(1.1)]
+    stretched = [(n, s) for n, s in zip(names, sizes) if abs(math.log(s[0] / s[1] * h / w)) > math.log(1.25)]
     for found, what in ((upscaled, "smaller than data.image_size, so they are upscaled"),
-                        (stretched, "of an aspect ratio more than 10 % off data.image_size's, so they are stretched")):
+                        (stretched, "of an aspect ratio more than 25 % off data.image_size's, so they are stretched")):
         if found:
             shown = ", ".join(f"{n} ({s[0]}x{s[1]})" for n, s in found[:3]) + (" ..." if len(found) > 3 else "")
             print(f"warning: {len(found)} image(s) in {folder} are {what} to {w}x{h}: {shown}", file=sys.stderr)
@@ -88,17 +87,14 @@ def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data,
     workers = min(workers or os.cpu_count() or 1, len(pairs))
     sources = ([image for _, image, _ in pairs], [mask for _, _, mask in pairs])
     with write_split(out_dir, split, [name for name, _, _ in pairs], data) as (images, masks):
-        pool = ProcessPoolExecutor(workers, initializer=worker_init) if workers > 1 else None
         sizes = []
-        try:
+        with worker_pool(workers) as pool:
             results = pool.map(load, *sources, chunksize=8) if pool else map(load, *sources)
             bar = tqdm(results, total=len(pairs), desc=f"prepare {split}", unit="img", disable=None)
             for i, (image, mask, source_size) in enumerate(bar):
+                check_interrupt()
                 images[i], masks[i] = image, mask
                 sizes.append(source_size)
-        finally:
-            if pool:
-                pool.shutdown(cancel_futures=True)  # on error or interrupt, stop at once, workers included
     warn_about_sizes(sources[0][0].parent, [name for name, _, _ in pairs], sizes, tuple(data.image_size))
     return len(pairs)
 

@@ -2,11 +2,14 @@
 interrupts (Ctrl-C, SIGTERM) that stop it cleanly, worker processes included."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
-from typing import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterator
 
 KEPT = "nothing half-written was kept and the earlier outputs are as they were"
 PR_SET_PDEATHSIG = 1  # linux prctl option
@@ -29,10 +32,43 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+_pending: list[int] = []  # the signal that stopped the stage
+
+
 def _interrupt(signum: int, frame) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break the clean-up of the first
         signal.signal(s, signal.SIG_IGN)
+    _pending.append(signum)
     raise Interrupted(signum)
+
+
+def check_interrupt() -> None:
+    """Raise the interrupt again if code that swallows exceptions (an at-fork hook, a __del__) caught it."""
+    if _pending:
+        raise Interrupted(_pending[0])
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`workers` processes (None for one: work in this process) that end with the stage: after the work,
+    or at once on an error or an interrupt (they hold nothing worth keeping)."""
+    if workers <= 1:
+        yield None
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:  # start the workers now, interrupts held back: Python's at-fork hooks would swallow them
+        pool = ProcessPoolExecutor(workers, initializer=worker_init)
+        pool.submit(int).result()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    try:
+        yield pool
+    except BaseException:
+        for process in list(pool._processes.values()):  # no public way to stop a running work item
+            process.kill()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def run_cli(main: Callable[[], None], kept: str = KEPT) -> None:
@@ -42,17 +78,19 @@ def run_cli(main: Callable[[], None], kept: str = KEPT) -> None:
         signal.signal(s, _interrupt)
     try:
         main()
+        return
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        line, code = f"error: {e}", 1
     except OSError as e:  # a read or write that the stage did not expect to fail (disk full, permissions)
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
+        line, code = f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", 1
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"interrupted by {signal.Signals(signum).name}: {kept}; `dvc repro` resumes", file=sys.stderr)
-        sys.exit(128 + signum)
+        line, code = f"interrupted by {signal.Signals(signum).name}: {kept}; `dvc repro` resumes", 128 + signum
+    # exit with the exception and its frames released: a process pool they hold is then gone before the
+    # interpreter's exit hooks (which would wake its dead manager thread and print an ignored error)
+    gc.collect()
+    print(line, file=sys.stderr)
+    sys.exit(code)
 
 
 def worker_init() -> None:

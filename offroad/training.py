@@ -27,7 +27,7 @@ from offroad.augment import build_augment
 from offroad.codebase import ROOT, import_closure
 from offroad.config import Params
 from offroad.data import SegmentationDataset
-from offroad.errors import PipelineError, warn
+from offroad.errors import PipelineError, check_interrupt, warn
 from offroad.evaluation import Evaluation, evaluate
 from offroad.losses import build_loss, pixel_weight
 from offroad.runtime import Dist, Run, autocast, synchronize
@@ -66,7 +66,7 @@ def warn_about_weights(root: str, weights: str) -> None:
     """The backbone weights that most likely do not fit the data: pretrained on the synthetic set, random on
     real data."""
     synthetic = Path(root) == artifacts.SYNTHETIC
-    if synthetic and weights != "random":
+    if synthetic and weights == "dinov2":
         warn(f"model.weights is {weights!r} but data.root is the synthetic desert ({root}); "
              "set data.root to the real dataset (README: The real dataset)")
     elif not synthetic and weights == "random":
@@ -195,6 +195,7 @@ def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # weighted loss, weight
     bar = tqdm(zip(batches, inputs), total=len(batches), desc=desc, leave=False, disable=None, file=sys.stderr)
     for step, ((_, counted), (feats, target)) in enumerate(bar):
+        check_interrupt()
         with autocast(run.device, run.amp):
             logits = model.decode(feats, target.shape[-2:], head)
         loss = loss_fn(logits.float(), target)

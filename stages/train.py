@@ -21,7 +21,8 @@ def main() -> None:
     dist, device = init_distributed(resolve_device(params.train.device))
     data = params.data
     # everything that can be checked is checked here, in seconds, not after the first epoch
-    artifacts.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, artifacts.TRAIN_METRICS, artifacts.HISTORY)
+    artifacts.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, artifacts.TRAIN_METRICS,
+                             artifacts.HISTORY)
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
     artifacts.label_counts(train.masks, artifacts.PREPARED / "train", data, "there is nothing to learn from")
