@@ -8,6 +8,7 @@ The validators themselves are tested function by function in test_params, test_d
 from __future__ import annotations
 
 import ast
+import ctypes
 import json
 import os
 import resource
@@ -15,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ PIPELINE = {**TINY, "train.epochs": 2, "train.num_workers": 0, "train.device": "
             "evaluate.examples": 2, "plot.dpi": 30}
 OUTPUTS = ("data", "models", "metrics", "plots")
 CLASSES = with_overrides()["data"]["classes"]
+PR_CAPBSET_DROP = 24  # linux prctl option
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
 
 
@@ -663,26 +664,22 @@ def test_ctrl_c_in_train_keeps_the_completed_epochs_and_a_rerun_resumes(repo):
     assert f"resume: continuing after epoch {saved}" in rerun.stdout
 
 
-def drop_root() -> None:
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)  # nobody: root may write anywhere
+def without_root_privileges() -> None:
+    """Drop the capabilities that let root ignore file permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)
+    from the bounding set: the program exec'ed next runs as root, but a read-only folder is read-only to it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 @pytest.mark.parametrize("folder, output", [("models", "models/best.pt"), ("metrics", "metrics/train.json"),
                                             ("plots/train", "plots/train/history.csv")])
-def test_a_read_only_output_folder_is_refused_before_the_first_epoch(built, folder, output):
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(shutil.copytree(built, Path(tmp) / "repo", symlinks=True))
-        preexec = None
-        if os.geteuid() == 0:  # run the stage as `nobody`, with the copy open to it
-            preexec = drop_root
-            os.chmod(tmp, 0o755)
-            for p in [repo, *repo.rglob("*")]:
-                if not p.is_symlink():
-                    os.chmod(p, 0o777 if p.is_dir() else 0o666)
-        os.chmod(repo / folder, 0o555)
-        outcome = attempt(repo, "train", env={"HOME": str(repo)}, preexec=preexec)
+def test_a_read_only_output_folder_is_refused_before_the_first_epoch(repo, folder, output):
+    os.chmod(repo / folder, 0o555)
+    try:
+        outcome = attempt(repo, "train", preexec=without_root_privileges if os.geteuid() == 0 else None)
+    finally:
         os.chmod(repo / folder, 0o755)
     assert_refused(outcome, f"{output}: cannot write ({folder}/ is not writable)")
     assert "epoch" not in outcome.result.stdout
@@ -729,8 +726,9 @@ def test_a_batch_without_labelled_pixels_changes_nothing(tiny_params):
         torch.manual_seed(0)
         model = build_model(params.model, K)
         optimizer = make_optimizer(params, model.head.parameters())
-        stats = train_epoch(model, model.head, optimizer, build_loss(params.loss, None, 255), iter(inputs),
-                            [(np.zeros(1, np.int64), True)] * len(inputs), None,
+        weights = torch.linspace(0.5, 2.0, K)
+        stats = train_epoch(model, model.head, optimizer, build_loss(params.loss, weights, 255), iter(inputs),
+                            [(np.zeros(1, np.int64), True)] * len(inputs), weights,
                             Run(torch.device("cpu"), False, K, 255), "epoch 1")
         return model.head.state_dict(), stats
 
