@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from offroad.atomic import atomic_dir, atomic_path, save_torch, write_json, write_text  # noqa: F401 (writers of the contract)
+from offroad.atomic import atomic_dir, atomic_path, check_writable, save_torch, write_json, write_text  # noqa: F401
 from offroad.config import Data
 from offroad.errors import PipelineError
 
@@ -103,13 +103,40 @@ def load_split(prepared_dir: str | Path, split: str, data: Data | None = None) -
         names = meta["names"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{folder}: prepared split missing or unreadable ({e}); run `dvc repro prepare`") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ArtifactError(f"{folder}/split.json: 'names' is not a list of file names; run `dvc repro prepare`")
+    if images.dtype != np.uint8 or masks.dtype != np.uint8 or images.ndim != 4 or images.shape[3:] != (3,) \
+            or masks.ndim != 3:
+        raise ArtifactError(f"{folder}: images {images.dtype} {list(images.shape)} and masks {masks.dtype} "
+                            f"{list(masks.shape)} are not uint8 [N, H, W, 3] and [N, H, W]; run `dvc repro prepare`")
     if not (len(images) == len(masks) == len(names)) or images.shape[1:3] != masks.shape[1:]:
         raise ArtifactError(f"{folder}: images {images.shape}, masks {masks.shape} and {len(names)} names do not match")
     if data is not None and meta.get("made_with") != made_with(data):
         stale = sorted(k for k, v in made_with(data).items() if (meta.get("made_with") or {}).get(k) != v)
         raise ArtifactError(f"{folder}: prepared with other data params ({', '.join(f'data.{k}' for k in stale)} "
                             "differ from params.yaml); run `dvc repro prepare`")
+    if data is not None and images.shape[1:3] != tuple(data.image_size[::-1]):
+        raise ArtifactError(f"{folder}: images are {images.shape[2]}x{images.shape[1]}, data.image_size is "
+                            f"{data.image_size[0]}x{data.image_size[1]}; run `dvc repro prepare`")
     return PreparedSplit(images, masks, names, {"made_with": meta.get("made_with"), "sha256": meta.get("sha256")})
+
+
+def label_counts(masks: np.ndarray, where: str | Path, data: Data, why: str, chunk: int = 64) -> np.ndarray:
+    """int64 [K]: pixels per class over prepared masks [N, H, W]. A value that is neither a class index nor
+    data.ignore_index (arrays edited by hand, or by other code), or no labelled pixel at all, is an error
+    naming `where`; `why` says what a split without labels would break."""
+    counts = np.zeros(256, np.int64)
+    for start in range(0, len(masks), chunk):
+        counts += np.bincount(np.asarray(masks[start:start + chunk]).ravel(), minlength=256)
+    bad = [i for i in np.flatnonzero(counts).tolist() if i >= data.num_classes and i != data.ignore_index]
+    if bad:
+        raise ArtifactError(f"{where}: masks hold values {bad[:10]} that are neither a class index "
+                            f"(0..{data.num_classes - 1}) nor data.ignore_index {data.ignore_index}; "
+                            "run `dvc repro prepare`")
+    if counts[:data.num_classes].sum() == 0:
+        raise ArtifactError(f"{where}: no labelled pixel in the masks (all are data.ignore_index: raw ids in "
+                            f"data.ignore_raw), so {why}")
+    return counts[:data.num_classes]
 
 
 # --- class weights: data/class_weights.json and metrics/class_stats.json ---------------------------------

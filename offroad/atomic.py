@@ -11,40 +11,72 @@ from typing import Any, Iterator
 
 import torch
 
+from offroad.errors import PipelineError
+
 TMP_SUFFIX = ".tmp"
+
+
+class WriteError(PipelineError):
+    pass
+
+
+@contextlib.contextmanager
+def _reported(path: Path, *temporaries: Path) -> Iterator[None]:
+    """An OSError about `path`, a folder above it or its `temporaries` (or about no file: a write to an open
+    file) becomes a WriteError naming `path` and the cause; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        f = Path(os.fsdecode(e.filename)) if e.filename is not None else None
+        if f is not None and f not in (path, *path.parents) and not any(t == f or t in f.parents for t in temporaries):
+            raise
+        raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _reported(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(path)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling folder; swap it in for `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
     tmp, old = (path.with_name(f".{path.name}.{os.getpid()}{end}") for end in (".tmpdir", ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-    finally:
+    with _reported(path, tmp, old):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(path)
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            yield tmp
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(*paths: str | Path) -> None:
+    """Refuse at start-up outputs (files or folders) that could not be written at the end: the nearest existing
+    folder above each must be a writable folder."""
+    for path in map(Path, paths):
+        existing = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
+        if not existing.is_dir():
+            raise WriteError(f"{path}: cannot write ({existing} is not a folder)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise WriteError(f"{path}: cannot write ({existing}/ is not writable)")
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -60,7 +92,11 @@ def save_torch(path: str | Path, obj: Any) -> None:
     # Through a file object: given a path, torch.save names the archive inside after the (per-process)
     # temporary file, so the same object would give different bytes and DVC hashes on every run.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write as "unexpected pos"
+            reason = str(e).splitlines()[0]
+            raise WriteError(f"{path}: cannot write (torch.save: {reason}; is the disk full?)") from None
 
 
 def _remove_orphans(path: Path) -> None:

@@ -1,17 +1,9 @@
-"""Per-class pixel counts of the train masks and the loss weights derived from them."""
+"""Loss weights from the per-class pixel counts of the train masks (offroad.artifacts.label_counts)."""
 from __future__ import annotations
 
 import numpy as np
 
 from offroad.errors import PipelineError
-
-
-def pixel_counts(masks: np.ndarray, num_classes: int, chunk: int = 64) -> np.ndarray:
-    """int64 [K]: pixels per class index over uint8 masks [N, H, W]; ignore_index (>= K) is not counted."""
-    counts = np.zeros(256, np.int64)
-    for start in range(0, len(masks), chunk):
-        counts += np.bincount(np.asarray(masks[start:start + chunk]).ravel(), minlength=256)
-    return counts[:num_classes]
 
 
 def _fill_absent(weights: np.ndarray, present: np.ndarray) -> np.ndarray:

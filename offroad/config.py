@@ -90,8 +90,8 @@ class Synthetic(Section):
     seed: Count
     train: Positive
     val: Positive
-    width: Positive = 960
-    height: Positive = 540
+    width: Annotated[int, Field(ge=28, strict=True)] = 960  # smaller scenes cannot be drawn
+    height: Annotated[int, Field(ge=28, strict=True)] = 540
 
 
 class Prepare(Section):
@@ -226,12 +226,16 @@ def _describe(err: dict) -> str:
     if err["type"] == "missing":
         return f"missing key '{key}'"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"'{key}': {msg} (got {err.get('input')!r})" if loc else msg
+    if not loc:
+        return msg
+    shown = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"  # a whole section: too long
+    return f"'{key}': {msg}{shown}"
 
 
 def validate(raw: Any, source: str = "params") -> Params:
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}"
+                          + (" (the file is empty)" if raw is None else ""))
     try:
         return Params.model_validate(raw)
     except ValidationError as e:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
-from concurrent.futures import ProcessPoolExecutor
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from offroad.artifacts import PreparedSplit, write_split
 from offroad.config import Data
+from offroad.errors import check_interrupt, worker_pool
 from offroad.raw import DataError, find_split, list_pairs, read_image, read_mask
 
 UNKNOWN = -1  # class_lut value of a raw id that data.classes does not map
@@ -50,36 +52,61 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def load_pair(image_path: Path, mask_path: Path, lut: np.ndarray,
-              size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, check, map and resize one pair to `size` = (width, height)."""
+              size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Decode, check, map and resize one pair to `size` = (width, height); also the source (width, height)."""
     image, raw = read_image(image_path), read_mask(mask_path)
     if image.shape[:2] != raw.shape:
         raise DataError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
                         f"{image.shape[1]}x{image.shape[0]}")
     mask = map_mask(raw, lut, mask_path)
     return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
-            resize_labels(mask, size))
+            resize_labels(mask, size), (image.shape[1], image.shape[0]))
 
 
-def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data, workers: int) -> int:
-    """Write the prepared arrays of `split` (artifacts.write_split) from its raw PNGs; return the count.
+def warn_about_sizes(folder: Path, names: list[str], sizes: list[tuple[int, int]], size: tuple[int, int]) -> None:
+    """Legal but most likely a mistake: images upscaled to data.image_size, or stretched to its aspect ratio."""
+    w, h = size
+    upscaled = [(n, s) for n, s in zip(names, sizes) if s[0] < w or s[1] < h]
+    stretched = [(n, s) for n, s in zip(names, sizes) if abs(math.log(s[0] / s[1] * h / w)) > math.log(1.25)]
+    for found, what in ((upscaled, "smaller than data.image_size, so they are upscaled"),
+                        (stretched, "of an aspect ratio more than 25 % off data.image_size's, so they are stretched")):
+        if found:
+            shown = ", ".join(f"{n} ({s[0]}x{s[1]})" for n, s in found[:3]) + (" ..." if len(found) > 3 else "")
+            print(f"warning: {len(found)} image(s) in {folder} are {what} to {w}x{h}: {shown}", file=sys.stderr)
 
-    `workers` decoding processes (0 = all cores).
+
+def list_splits(root: str | Path, splits: tuple[str, ...]) -> dict[str, list[tuple[str, Path, Path]]]:
+    """The pairs of every split, checked before anything is written; warns of names in more than one split."""
+    pairs = {split: list_pairs(find_split(root, split)) for split in splits}
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            shared = sorted({n for n, _, _ in pairs[a]} & {n for n, _, _ in pairs[b]})
+            if shared:
+                shown = ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else "")
+                print(f"warning: {len(shared)} image name(s) are in both the {a} and the {b} split of {root}: {shown} "
+                      f"(the {b} scores are optimistic if they are the same images)", file=sys.stderr)
+    return pairs
+
+
+def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data, workers: int,
+                  pairs: list[tuple[str, Path, Path]] | None = None) -> int:
+    """Write the prepared arrays of `split` (artifacts.write_split) from its raw PNGs (`pairs`, listed if not
+    given); return the count. `workers` decoding processes (0 = all cores).
     """
-    pairs = list_pairs(find_split(root, split))
+    pairs = pairs if pairs is not None else list_pairs(find_split(root, split))
     load = functools.partial(load_pair, lut=class_lut(data), size=tuple(data.image_size))
     workers = min(workers or os.cpu_count() or 1, len(pairs))
     sources = ([image for _, image, _ in pairs], [mask for _, _, mask in pairs])
     with write_split(out_dir, split, [name for name, _, _ in pairs], data) as (images, masks):
-        pool = ProcessPoolExecutor(workers) if workers > 1 else None
-        try:
+        sizes = []
+        with worker_pool(workers) as pool:
             results = pool.map(load, *sources, chunksize=8) if pool else map(load, *sources)
             bar = tqdm(results, total=len(pairs), desc=f"prepare {split}", unit="img", disable=None)
-            for i, (image, mask) in enumerate(bar):
+            for i, (image, mask, source_size) in enumerate(bar):
+                check_interrupt()
                 images[i], masks[i] = image, mask
-        finally:
-            if pool:
-                pool.shutdown(cancel_futures=True)  # on error, stop at once instead of decoding the rest
+                sizes.append(source_size)
+    warn_about_sizes(sources[0][0].parent, [name for name, _, _ in pairs], sizes, tuple(data.image_size))
     return len(pairs)
 
 

@@ -39,7 +39,23 @@ def list_images(folder: Path) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise PredictError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    by_stem: dict[str, list[str]] = {}
+    for p in images:
+        by_stem.setdefault(p.stem.lower(), []).append(p.name)
+    shared = [names for names in by_stem.values() if len(names) > 1]
+    if shared:
+        raise PredictError(f"{folder}: images share a name stem, so their outputs (STEM.png) and ground-truth masks "
+                           f"would be mixed up: {'; '.join(', '.join(names) for names in shared[:5])}; rename them")
     return images
+
+
+def check_out(out: Path, inputs: list[Path]) -> None:
+    """The output folders must not be an input folder (their PNGs would be overwritten), and must be writable."""
+    for sub in (out / "masks", out / "overlays"):
+        clash = [p for p in inputs if p.resolve() == sub.resolve()]
+        if clash:
+            raise PredictError(f"--out {out}: {sub} is the input folder {clash[0]}; its files would be overwritten")
+    artifacts.check_writable(out / "masks", out / "overlays", out / "metrics.json")
 
 
 def mask_paths(images: list[Path], masks_dir: Path) -> list[Path]:
@@ -91,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     sibling = args.images.parent / MASKS
     masks_dir = args.masks or (sibling if sibling.is_dir() else None)
     masks = mask_paths(images, masks_dir) if masks_dir else None
+    check_out(args.out, [args.images, *([masks_dir] if masks_dir else [])])
     device = resolve_device(params.train.device)
     checkpoint = args.checkpoint or artifacts.CHECKPOINTS[params.train.checkpoint]
     segmenter, _ = load_segmenter(checkpoint, params.model, names, device)

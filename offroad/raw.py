@@ -5,6 +5,7 @@ single-channel raw class ids), optionally one folder deeper.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def find_split(root: str | Path, split: str) -> Path:
 
 def _pngs(folder: Path) -> dict[str, Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file())
+    undecodable = [p.name for p in files if not _is_utf8(p.name)]
+    if undecodable:  # the names are stored in split.json and drawn in figures: they must be text
+        shown = ", ".join(repr(os.fsencode(n))[2:-1] for n in undecodable[:5])
+        raise DataError(f"{folder}: {len(undecodable)} file name(s) are not valid UTF-8: {shown}; rename them")
     stray = [p.name for p in files if p.suffix.lower() != ".png"]
     if stray:
         print(f"warning: ignoring {len(stray)} non-PNG file(s) in {folder}: {', '.join(stray[:5])}", file=sys.stderr)
@@ -56,19 +61,36 @@ def list_pairs(split_dir: Path) -> list[tuple[str, Path, Path]]:
     return [(name, images[name], masks[name]) for name in sorted(images)]
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # a byte that is not UTF-8 reaches Python as a lone surrogate
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
+    """Decode from the file's bytes: cv2.imread takes the path as UTF-8 and crashes on any other name."""
+    try:
+        buf = np.fromfile(path, np.uint8)
+    except FileNotFoundError:
+        buf = np.zeros(0, np.uint8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    decoded = cv2.imdecode(buf, flags) if buf.size else None
+    if decoded is None:
+        raise DataError(f"{path}: cannot decode {what} (missing, empty, corrupt or truncated)")
+    return decoded
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """RGB uint8 [H, W, 3]."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"{path}: cannot decode image (missing, corrupt or truncated PNG)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(_decode(path, cv2.IMREAD_COLOR, "image"), cv2.COLOR_BGR2RGB)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Raw ids, uint16 [H, W]; anything but a 16-bit single-channel PNG is an error."""
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise DataError(f"{path}: cannot decode mask (missing, corrupt or truncated PNG)")
+    mask = _decode(path, cv2.IMREAD_UNCHANGED, "mask")
     if mask.ndim != 2 or mask.dtype != np.uint16:
         channels = 1 if mask.ndim == 2 else mask.shape[2]
         raise DataError(f"{path}: mask is {mask.dtype.itemsize * 8}-bit with {channels} channel(s); "

@@ -60,15 +60,6 @@ class Segmenter(nn.Module):
         return self.decode(self.features(images), images.shape[1:3])
 
 
-def random_backbone_warning(model: Model, data_root: str, synthetic_root: Path) -> str | None:
-    """A warning when a random backbone is about to be trained on data other than the synthetic set."""
-    if model.weights != "random" or Path(data_root).resolve() == synthetic_root.resolve():
-        return None
-    return (f"warning: model.weights is 'random' but data.root is {data_root}: the backbone is untrained, so the "
-            "scores measure the pipeline, not DINOv2's features. For the report's setup add "
-            "-S model.weights=dinov2 (README: Pretrained weights)")
-
-
 def build_model(model: Model, num_classes: int) -> Segmenter:
     backbone = build_backbone(model.backbone, model.init_seed)
     load_backbone_weights(backbone, model.weights, model.backbone)

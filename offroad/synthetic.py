@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from offroad.errors import check_interrupt, worker_pool
 from offroad.raw import IMAGES, MASKS
 
 # Raw ids of the real masks.
@@ -275,11 +275,7 @@ def write_dataset(root: str | Path, counts: dict[str, int], seed: int, width: in
     splits = [split for split, n in counts.items() for _ in range(n)]
     indices = [i for n in counts.values() for i in range(n)]
     write = functools.partial(write_sample, root, seed=seed, width=width, height=height)
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    try:
+    with worker_pool(workers) as pool:
         done = pool.map(write, splits, indices, chunksize=4) if pool else map(write, splits, indices)
         for _ in tqdm(done, total=len(splits), desc="synthesize", unit="img", disable=None):
-            pass
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+            check_interrupt()

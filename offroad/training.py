@@ -28,7 +28,7 @@ from offroad.augment import build_augment
 from offroad.codebase import ROOT, import_closure
 from offroad.config import Params
 from offroad.data import SegmentationDataset
-from offroad.errors import PipelineError
+from offroad.errors import PipelineError, check_interrupt, warn
 from offroad.evaluation import Evaluation, eval_features, evaluate
 from offroad.losses import build_loss, pixel_weight
 from offroad.runtime import Dist, Run, synchronize
@@ -62,6 +62,18 @@ class State:
     optimizer: dict | None = None
     scaler: dict | None = None  # fp16 loss scale
     complete: bool = False
+
+
+def warn_about_weights(root: str, weights: str) -> None:
+    """The backbone weights that most likely do not fit the data: pretrained on the synthetic set, random on
+    real data."""
+    synthetic = Path(root) == artifacts.SYNTHETIC
+    if synthetic and weights == "dinov2":
+        warn(f"model.weights is {weights!r} but data.root is the synthetic desert ({root}); "
+             "set data.root to the real dataset (README: The real dataset)")
+    elif not synthetic and weights == "random":
+        warn(f"model.weights is 'random' with data.root {root}: the backbone is untrained, so the scores "
+             "measure the pipeline, not DINOv2's features; add -S model.weights=dinov2 (README: Pretrained weights)")
 
 
 def lr_at(epoch: int, params: Params) -> float:
@@ -214,6 +226,7 @@ def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # weighted loss, weight
     bar = tqdm(zip(batches, inputs), total=len(batches), desc=desc, leave=False, disable=None, file=sys.stderr)
     for step, ((_, counted), (feats, target)) in enumerate(bar):
+        check_interrupt()
         with run.autocast():
             logits = model.decode(feats, target.shape[-2:], head)
         loss = loss_fn(logits.float(), target)

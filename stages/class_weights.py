@@ -3,16 +3,22 @@ derived from them (python -m stages.class_weights)."""
 from __future__ import annotations
 
 from offroad import artifacts
-from offroad.class_weights import compute_weights, pixel_counts
+from offroad.class_weights import compute_weights
 from offroad.config import load_params
-from offroad.errors import run_cli
+from offroad.errors import run_cli, warn
 
 
 def main() -> None:
     params = load_params()
     names, cfg = params.data.class_names, params.class_weights
+    artifacts.check_writable(artifacts.CLASS_WEIGHTS, artifacts.CLASS_STATS)
+    folder = artifacts.PREPARED / "train"
     masks = artifacts.load_split(artifacts.PREPARED, "train", params.data).masks
-    counts = pixel_counts(masks, len(names))
+    counts = artifacts.label_counts(masks, folder, params.data, "there are no class frequencies to weigh by")
+    absent = [n for n, c in zip(names, counts) if c == 0]
+    if absent:
+        warn(f"class(es) {absent} have no pixel in the train masks ({folder}): the model cannot learn them "
+             "(check data.classes and the masks' raw ids)")
     weights = compute_weights(cfg.method, counts, cfg.max_weight)
     artifacts.write_class_weights(names, cfg.method, cfg.max_weight, counts, weights)
     shares = counts / max(counts.sum(), 1)

@@ -5,7 +5,7 @@ import numpy as np
 
 from offroad import artifacts
 from offroad.config import load_params
-from offroad.errors import run_cli
+from offroad.errors import run_cli, warn
 from offroad.evaluation import evaluate, image_features
 from offroad.losses import build_loss
 from offroad.metrics import format_summary, history_table, rounded, sort_by_iou, summarize
@@ -18,9 +18,15 @@ def main() -> None:
     params = load_params()
     data, cfg = params.data, params.evaluate
     run = Run.from_params(params, resolve_device(params.train.device))
+    artifacts.check_writable(artifacts.EVAL_METRICS, artifacts.EVAL_TABLE, artifacts.PER_CLASS, artifacts.CONFUSION,
+                             artifacts.EXAMPLES)
     checkpoint = artifacts.CHECKPOINTS[params.train.checkpoint]
     model, ckpt = load_segmenter(checkpoint, params.model, data.class_names, run.device)
     split = artifacts.load_split(artifacts.PREPARED, cfg.split, data)
+    artifacts.label_counts(split.masks, artifacts.PREPARED / cfg.split, data, "there is nothing to score")
+    if cfg.split == "train":
+        warn("evaluate.split is 'train': the scores measure how well the model fits its training images, "
+             "not how well it generalises")
     history = artifacts.read_history()
     weights = artifacts.read_class_weights(data.class_names).to(run.device) if params.loss.class_weighted else None
     loss_fn = build_loss(params.loss, weights, data.ignore_index)

@@ -9,6 +9,7 @@ from offroad.visualize import palette
 
 def main() -> None:
     params = load_params()
+    artifacts.check_writable(artifacts.FIGURES)
     names, dpi = params.data.class_names, params.plot.dpi
     colors = dict(zip(names, palette(len(names))))
     history, per_class, stats = artifacts.read_history(), artifacts.read_per_class(), artifacts.read_class_stats()

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import time
 
-from offroad.artifacts import PREPARED
+from offroad.artifacts import PREPARED, check_writable
 from offroad.config import load_params
-from offroad.data import prepare_split
+from offroad.data import list_splits, prepare_split
 from offroad.errors import run_cli
 
 
 def main() -> None:
     params = load_params()
+    check_writable(PREPARED / "train", PREPARED / "val")
+    pairs = list_splits(params.data.root, ("train", "val"))
     for split in ("train", "val"):
         start = time.perf_counter()
-        count = prepare_split(params.data.root, split, PREPARED, params.data, params.prepare.workers)
+        count = prepare_split(params.data.root, split, PREPARED, params.data, params.prepare.workers, pairs[split])
         seconds = time.perf_counter() - start
         print(f"prepare: {split}: {count} images -> {PREPARED / split} at {list(params.data.image_size)} "
               f"({seconds:.1f} s, {count / seconds:.1f} images/s)")

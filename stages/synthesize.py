@@ -5,7 +5,7 @@ import os
 import time
 
 from offroad.artifacts import SYNTHETIC
-from offroad.atomic import atomic_dir
+from offroad.atomic import atomic_dir, check_writable
 from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.synthetic import write_dataset
@@ -13,6 +13,7 @@ from offroad.synthetic import write_dataset
 
 def main() -> None:
     cfg = load_params().synthetic
+    check_writable(SYNTHETIC)
     counts = {"train": cfg.train, "val": cfg.val}
     start = time.perf_counter()
     with atomic_dir(SYNTHETIC) as tmp:

@@ -6,8 +6,6 @@ CPU, nccl on CUDA). A hand-run `torchrun -m stages.train` starts workers directl
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.distributed
 
@@ -15,24 +13,29 @@ from offroad import artifacts, launch
 from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
-from offroad.segmenter import build_model, random_backbone_warning
-from offroad.training import fit
+from offroad.segmenter import build_model
+from offroad.training import fit, warn_about_weights
 
 
 def main() -> None:
     params = load_params()
     data = params.data
+    # everything that can be checked is checked here, in seconds, not after the first epoch
+    artifacts.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, artifacts.TRAIN_METRICS,
+                             artifacts.HISTORY)
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
+    artifacts.label_counts(train.masks, artifacts.PREPARED / "train", data, "there is nothing to learn from")
+    artifacts.label_counts(val.masks, artifacts.PREPARED / "val", data, "there is nothing to choose the best epoch by")
     weights = artifacts.read_class_weights(data.class_names) if params.loss.class_weighted else None
     if launch.needed(params.train):
+        warn_about_weights(data.root, params.model.weights)
         return launch.launch(params.train, resolve_device(params.train.device), "stages.train")
     launch.die_with_launcher()
     configure_cpu()
     dist, device = init_distributed(resolve_device(params.train.device))
-    warning = random_backbone_warning(params.model, data.root, artifacts.SYNTHETIC)
-    if warning and dist.main:
-        print(warning, file=sys.stderr)
+    if dist.world == 1:  # under a launcher, the launcher warned
+        warn_about_weights(data.root, params.model.weights)
 
     torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
     model = build_model(params.model, data.num_classes).to(device)
@@ -55,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, kept=f"the state after the last completed epoch (if any) is kept in {artifacts.LAST}")

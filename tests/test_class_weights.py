@@ -4,10 +4,11 @@ import shutil
 import numpy as np
 import pytest
 
-from offroad.class_weights import compute_weights, inverse_frequency, median_frequency, pixel_counts
+from offroad.artifacts import label_counts
+from offroad.class_weights import compute_weights, inverse_frequency, median_frequency
 from stages import class_weights
 from offroad.errors import PipelineError
-from tests.conftest import REPORT_PIXELS, TINY, write_params
+from tests.conftest import REPORT_PIXELS, TINY, make_params, write_params
 
 # The report's weight column, rounded to 4 decimals as printed.
 REPORT_WEIGHTS = {"Sky": 0.0104, "Landscape": 0.0161, "Dry Grass": 0.0208, "Lush Bushes": 0.0655,
@@ -41,8 +42,9 @@ def test_pixel_counts_skip_ignore_index_and_do_not_depend_on_chunking():
     rng = np.random.default_rng(0)
     masks = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(7, 5, 6))
     expected = [int((masks == c).sum()) for c in range(4)]
+    data = make_params({"data.classes": [{"name": str(c), "raw": [c]} for c in range(4)]}).data
     for chunk in (1, 3, 64):
-        assert pixel_counts(masks, 4, chunk).tolist() == expected
+        assert label_counts(masks, "m", data, "", chunk).tolist() == expected
 
 
 @pytest.mark.parametrize("method", ["inverse_frequency", "median_frequency", "none"])

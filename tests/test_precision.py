@@ -48,14 +48,3 @@ def test_fp16_training_scales_the_loss_and_tracks_fp32(tmp_path, tiny_dataset):
         for key in ("train_loss", "val_loss", "val_acc"):
             assert float(b[key]) == pytest.approx(float(a[key]), abs=0.02)
 
-
-def test_a_random_backbone_on_other_data_is_warned_about(tmp_path):
-    from offroad.segmenter import random_backbone_warning
-    synthetic = tmp_path / "data/synthetic"
-    model = make_params().model
-    warning = random_backbone_warning(model, "data/raw/offroad", synthetic)
-    assert warning.startswith("warning: model.weights is 'random' but data.root is data/raw/offroad")
-    assert "-S model.weights=dinov2" in warning
-    assert random_backbone_warning(model, str(synthetic), synthetic) is None
-    dinov2 = make_params({"model.weights": "dinov2"}).model
-    assert random_backbone_warning(dinov2, "data/raw/offroad", synthetic) is None

@@ -8,11 +8,15 @@ The validators themselves are tested function by function in test_params, test_d
 from __future__ import annotations
 
 import ast
+import ctypes
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +26,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from offroad import atomic as artifacts
+from offroad.artifacts import HISTORY_COLUMNS
+from offroad.evaluation import Evaluation
+from offroad.losses import build_loss
+from offroad.runtime import Run
+from offroad.segmenter import build_model
+from offroad.training import make_optimizer, train_epoch
 from tests.conftest import REPO, REPO_FILES, TINY, run_dvc, with_overrides, write_params
 
 # The whole pipeline in ~30 s: 6 + 3 synthetic scenes at 112x56, two epochs, a small head.
@@ -31,6 +42,7 @@ PIPELINE = {**TINY, "train.epochs": 2, "train.num_workers": 0, "train.device": "
             "evaluate.examples": 2, "plot.dpi": 30}
 OUTPUTS = ("data", "models", "metrics", "plots")
 CLASSES = with_overrides()["data"]["classes"]
+PR_CAPBSET_DROP = 24  # linux prctl option
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
 
 
@@ -63,9 +75,12 @@ def repo(built, tmp_path) -> Path:
     return Path(shutil.copytree(built, tmp_path / "repo", symlinks=True))
 
 
-def run_stage(repo: Path, stage: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=300)
+def run_stage(repo: Path, stage: str, env: dict | None = None, args: tuple = (),
+              preexec: Callable | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages.STAGE` (or a dotted module such as offroad.predict) in `repo`."""
+    module = stage if "." in stage else f"stages.{stage}"
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=repo, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=300, preexec_fn=preexec)
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -86,9 +101,10 @@ class Outcome:
     temporaries: list[str]
 
 
-def attempt(repo: Path, stage: str, env: dict | None = None) -> Outcome:
+def attempt(repo: Path, stage: str, env: dict | None = None, args: tuple = (),
+            preexec: Callable | None = None) -> Outcome:
     before = snapshot(repo)
-    result = run_stage(repo, stage, env)
+    result = run_stage(repo, stage, env, args, preexec)
     return Outcome(result, snapshot(repo) == before, temporaries(repo))
 
 
@@ -155,6 +171,69 @@ def rewrite(relpath: str, content: bytes):
 
 def cut(relpath: str):
     return lambda repo: truncate(repo / relpath)
+
+
+def edit_array(relpath: str, change: Callable[[np.ndarray], None]):
+    """Change a prepared .npy array in place (as a hand edit or other code would)."""
+    def break_it(repo: Path) -> None:
+        array = np.load(repo / relpath, mmap_mode="r+")
+        change(array)
+        array.flush()
+    return break_it
+
+
+def set_all(value: int):
+    def change(array: np.ndarray) -> None:
+        array[:] = value
+    return change
+
+
+def edit_json(relpath: str, change: Callable[[dict], None]):
+    def break_it(repo: Path) -> None:
+        data = json.loads((repo / relpath).read_text())
+        change(data)
+        (repo / relpath).write_text(json.dumps(data))
+    return break_it
+
+
+def non_utf8_name(workers: int):
+    """Scene 1 of train, image and mask, renamed to a name with a byte that is not UTF-8; prepare.workers set."""
+    def break_it(repo: Path) -> None:
+        for folder in ("Color_Images", "Segmentation"):
+            src = scene(repo, folder, 1)
+            os.rename(src, os.fsencode(src.parent) + b"/train_\xff.png")
+        write_params(repo / "params.yaml", {**PIPELINE, "prepare.workers": workers})
+    return break_it
+
+
+def val_all_ignored(repo: Path) -> None:
+    """The issue's example: every val pixel is a raw id in data.ignore_raw, prepared by the prepare stage."""
+    for path in (repo / "data/synthetic/val/Segmentation").glob("*.png"):
+        write_mask(path, np.full((126, 224), 600, np.uint16))
+    classes = [{**c, "raw": [0]} if c["name"] == "Background" else c for c in CLASSES]
+    write_params(repo / "params.yaml", {**PIPELINE, "data.classes": classes, "data.ignore_raw": [600]})
+    assert run_stage(repo, "prepare").returncode == 0
+
+
+def without_section(name: str):
+    def break_it(repo: Path) -> None:
+        raw = with_overrides(PIPELINE)
+        del raw[name]
+        (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return break_it
+
+
+def tampered_head(repo: Path) -> None:
+    ckpt = torch.load(repo / "models/best.pt", weights_only=True)
+    ckpt["head"].pop(next(iter(ckpt["head"])))
+    torch.save(ckpt, repo / "models/best.pt")
+
+
+def folder_replaced_by_file(folder: str):
+    def break_it(repo: Path) -> None:
+        shutil.rmtree(repo / folder)
+        (repo / folder).write_text("not a folder")
+    return break_it
 
 
 CATALOGUE = {
@@ -234,6 +313,98 @@ CATALOGUE = {
                                        ["plots/evaluate/examples.npz: not a readable examples archive"]),
     "plot: class stats not JSON": ("plot", rewrite("metrics/class_stats.json", b"{"),
                                    ["metrics/class_stats.json: not valid JSON"]),
+    # --- issue #15: an adversarial sweep ---
+    # stale or damaged prepared arrays (the train and evaluate stages run directly, without dvc)
+    "prepared: image size changed since prepare": (
+        "train", params({"data.image_size": [140, 56]}),
+        ["data/prepared/train: prepared with other data params (data.image_size differ from params.yaml); "
+         "run `dvc repro prepare`"]),
+    "prepared: ignore_raw changed since prepare": (
+        "evaluate", params({"data.ignore_raw": [4321]}),
+        ["data/prepared/val: prepared with other data params (data.ignore_raw differ"]),
+    "prepared: val split has no labelled pixel": (
+        "train", val_all_ignored,
+        ["data/prepared/val: no labelled pixel in the masks (all are data.ignore_index: raw ids in data.ignore_raw), "
+         "so there is nothing to choose the best epoch by"]),
+    "prepared: train split has no labelled pixel": (
+        "class_weights", edit_array("data/prepared/train/masks.npy", set_all(255)),
+        ["data/prepared/train: no labelled pixel in the masks", "there are no class frequencies to weigh by"]),
+    "prepared: mask values beyond the classes": (
+        "train", edit_array("data/prepared/train/masks.npy", lambda a: a.__setitem__((2, 0, slice(0, 3)), 77)),
+        ["data/prepared/train: masks hold values [77] that are neither a class index (0..9) nor data.ignore_index "
+         "255"]),
+    "prepared: names not a list": ("evaluate", edit_json("data/prepared/val/split.json",
+                                                         lambda d: d.__setitem__("names", 3)),
+                                   ["data/prepared/val/split.json: 'names' is not a list of file names"]),
+    "prepared: images not uint8": (
+        "evaluate", lambda r: np.save(r / "data/prepared/val/images.npy", np.zeros((3, 56, 112, 3), np.float32)),
+        ["data/prepared/val: images float32 [3, 56, 112, 3] and masks uint8 [3, 56, 112] are not uint8"]),
+    "prepared: masks truncated": ("evaluate", cut("data/prepared/val/masks.npy"),
+                                  ["data/prepared/val: prepared split missing or unreadable"]),
+    "prepared: split deleted": ("evaluate", lambda r: shutil.rmtree(r / "data/prepared/val"),
+                                ["data/prepared/val: prepared split missing or unreadable",
+                                 "run `dvc repro prepare`"]),
+    # raw data
+    "data: empty image file": ("prepare", lambda r: scene(r, "Color_Images", 1).write_bytes(b""),
+                               ["Color_Images/train_00001.png: cannot decode image (missing, empty"]),
+    "data: empty mask file": ("prepare", lambda r: scene(r, "Segmentation", 2, "val").write_bytes(b""),
+                              ["val/Segmentation/val_00002.png: cannot decode mask (missing, empty"]),
+    "data: file name not UTF-8, one process": ("prepare", non_utf8_name(1),
+                                               ["data/synthetic/train/Color_Images: 1 file name(s) are not valid "
+                                                "UTF-8: train_\\xff.png; rename them"]),
+    "data: file name not UTF-8, process pool": ("prepare", non_utf8_name(2),
+                                                ["1 file name(s) are not valid UTF-8: train_\\xff.png"]),
+    # params
+    "params: empty file": ("synthesize", rewrite("params.yaml", b""),
+                           ["params.yaml: expected a mapping of sections, got NoneType (the file is empty)"]),
+    "params: a folder": ("prepare", lambda r: ((r / "params.yaml").unlink(), (r / "params.yaml").mkdir()),
+                         ["params.yaml: cannot read it as text ([Errno 21] Is a directory"]),
+    "params: missing section": ("class_weights", without_section("plot"), ["missing key 'plot'"]),
+    "params: image size with three numbers": ("prepare", params({"data.image_size": [112, 56, 3]}),
+                                              ["'data.image_size': Tuple should have at most 2 items"]),
+    "params: ignore_index is a class index": ("prepare", params({"data.ignore_index": 3}),
+                                              ["'data': ignore_index 3 collides with a class index (0..9)\n"]),
+    "params: min_lr above lr": ("train", params({"scheduler.min_lr": 0.1}),
+                                ["scheduler.min_lr 0.1 exceeds optimizer.lr 0.0005"]),
+    "params: device name": ("evaluate", params({"train.device": "gpu"}),
+                            ["'train.device': String should match pattern", "(got 'gpu')"]),
+    "params: synthetic scenes too small to draw": (
+        "synthesize", params({"synthetic.width": 8}),
+        ["'synthetic.width': Input should be greater than or equal to 28 (got 8)"]),
+    "params: more head layers than blocks": ("train", params({"model.head": "multiscale", "model.layers": 13}),
+                                             ["model.layers 13 exceeds the 12 blocks of dinov2_vits14"]),
+    # class weights, through train
+    "class weights: missing": ("train", lambda r: (r / "data/class_weights.json").unlink(),
+                               ["data/class_weights.json: not found (run `dvc repro`)"]),
+    "class weights: negative": ("train", edit_json("data/class_weights.json",
+                                                   lambda d: d["weights"].__setitem__("Sky", -1.0)),
+                                ["data/class_weights.json: 'weights' lacks a finite non-negative number for ['Sky']"]),
+    "class weights: other classes": ("train", edit_json("data/class_weights.json",
+                                                        lambda d: d.__setitem__("classes", d["classes"][:-1])),
+                                     ["data/class_weights.json: classes ['Background'", "differ from params.yaml"]),
+    # checkpoints, through evaluate
+    "checkpoint: other head width": ("evaluate", params({"model.head_channels": 32}),
+                                     ["model.head_channels: checkpoint 16, params.yaml 32"]),
+    "checkpoint: other random backbone seed": ("evaluate", params({"model.init_seed": 1}),
+                                               ["model.init_seed: checkpoint 0, params.yaml 1"]),
+    "checkpoint: not a head checkpoint": ("evaluate", lambda r: torch.save([1, 2], r / "models/best.pt"),
+                                          ["models/best.pt: not a head checkpoint"]),
+    "checkpoint: head weights tampered": ("evaluate", tampered_head,
+                                          ["models/best.pt: head weights do not fit (Error(s) in loading"]),
+    # evaluation tables, through plot
+    "history: missing columns": ("plot", rewrite("plots/train/history.csv", b"epoch\n1\n"),
+                                 ["plots/train/history.csv: bad column or value ('train_loss')"]),
+    "history: no epochs": ("plot", rewrite("plots/train/history.csv", b",".join(
+        c.encode() for c in HISTORY_COLUMNS) + b"\n"), ["plots/train/history.csv: no epochs"]),
+    "confusion: not square": ("plot", rewrite("plots/evaluate/confusion.csv", b"truth/prediction,a\nb,1,2\n"),
+                              ["plots/evaluate/confusion.csv: not found, or not a square matrix"]),
+    "per-class table: missing columns": ("plot", rewrite("plots/evaluate/per_class.csv", b"class,iou\nSky,0.5\n"),
+                                         ["plots/evaluate/per_class.csv: missing columns ['dice'"]),
+    # outputs that could not be written: refused at start-up, before any work
+    "outputs: metrics is a file": ("train", folder_replaced_by_file("metrics"),
+                                   ["metrics/train.json: cannot write (metrics is not a folder)"]),
+    "outputs: plots/images is below a file": ("plot", folder_replaced_by_file("plots"),
+                                              ["plots/images: cannot write (plots is not a folder)"]),
 }
 
 
@@ -259,7 +430,10 @@ def test_dinov2_offline_names_the_url_and_where_to_put_the_file(repo, tmp_path):
     offline = {"TORCH_HOME": str(hub), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                "no_proxy": "", "NO_PROXY": ""}  # a closed local port: the download fails at once, never runs
     params({"model.weights": "dinov2"})(repo)
-    message = assert_refused(attempt(repo, "train", env=offline))
+    outcome = attempt(repo, "train", env=offline)
+    message = assert_refused(outcome)
+    assert ("warning: model.weights is 'dinov2' but data.root is the synthetic desert (data/synthetic)"
+            in outcome.result.stderr)  # a likely mistake, named before the error
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in message
     assert f"download that file and place it at {hub}/hub/checkpoints/dinov2_vits14_pretrain.pth" in message
     assert "Connection refused" in message  # it went to the dead proxy, not to the internet
@@ -395,3 +569,257 @@ def test_two_dvc_repro_runs_give_identical_outputs(built, tmp_path):
         {k: v for k, v in train[0].items() if k not in timing}] * 2
     different = sorted(k for k in first if first[k] != second[k])
     assert different == []  # data, class weights, checkpoints, metrics, history, evaluation, PNGs
+
+
+# --- issue #15: interrupts, operating-system errors, names, warnings ---------------------------------------------
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").glob("*")
+            for c in (task / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def many_scenes(repo: Path, copies: int) -> None:
+    """`copies` hard links of every train pair under new names: a split that takes seconds to prepare."""
+    for folder in ("Color_Images", "Segmentation"):
+        for src in sorted((repo / "data/synthetic/train" / folder).glob("*.png")):
+            for k in range(copies):
+                os.link(src, src.with_name(f"copy{k:04d}_{src.name}"))
+
+
+@pytest.mark.parametrize("stage, signum, to_group", [("prepare", signal.SIGTERM, False),
+                                                      ("prepare", signal.SIGINT, True),
+                                                      ("synthesize", signal.SIGTERM, False)])
+def test_an_interrupted_stage_ends_its_workers_and_keeps_the_outputs(repo, stage, signum, to_group):
+    """SIGTERM to the stage, or Ctrl-C (SIGINT to the whole process group), while its process pool works."""
+    if stage == "prepare":
+        many_scenes(repo, 150)
+        write_params(repo / "params.yaml", {**PIPELINE, "prepare.workers": 2})
+    else:
+        write_params(repo / "params.yaml", {**PIPELINE, "synthetic.train": 2000})
+    before = snapshot(repo)
+    process = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+            workers = children(process.pid)
+            time.sleep(0.005)
+        assert len(workers) == 2, process.communicate()
+        for pid in workers:  # hold the pool mid-work, so the signal surely lands while it runs
+            os.kill(pid, signal.SIGSTOP)
+        os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        out, err = process.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(alive, workers))
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and "error" not in err, err
+    assert err.splitlines()[-1] == (f"interrupted by {signal.Signals(signum).name}: nothing half-written was kept "
+                                    "and the earlier outputs are as they were; `dvc repro` resumes")
+    assert snapshot(repo) == before and temporaries(repo) == []
+
+
+def test_ctrl_c_in_train_keeps_the_completed_epochs_and_a_rerun_resumes(repo):
+    write_params(repo / "params.yaml", {**PIPELINE, "train.epochs": 6})
+    before = snapshot(repo)
+    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=repo, env={**ENV, "PYTHONUNBUFFERED": "1"},
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("epoch   1/6"):
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            break
+    lines += process.stdout.readlines()
+    process.wait()
+    log = "".join(lines)
+    assert process.returncode == 130, log
+    assert "Traceback" not in log
+    assert lines[-1] == ("interrupted by SIGINT: the state after the last completed epoch (if any) is kept in "
+                         "models/last.pt; `dvc repro` resumes\n")
+    after = snapshot(repo)
+    assert {k: v for k, v in after.items() if k not in ("models/last.pt", "plots/train/history.csv")} == \
+        {k: v for k, v in before.items() if k not in ("models/last.pt", "plots/train/history.csv")}
+    saved = torch.load(repo / "models/last.pt", weights_only=True)["epoch"]
+    assert 1 <= saved < 6 and temporaries(repo) == []
+    rerun = run_stage(repo, "train")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resume: continuing after epoch {saved}" in rerun.stdout
+
+
+def without_root_privileges() -> None:
+    """Drop the capabilities that let root ignore file permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)
+    from the bounding set: the program exec'ed next runs as root, but a read-only folder is read-only to it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("folder, output", [("models", "models/best.pt"), ("metrics", "metrics/train.json"),
+                                            ("plots/train", "plots/train/history.csv")])
+def test_a_read_only_output_folder_is_refused_before_the_first_epoch(repo, folder, output):
+    os.chmod(repo / folder, 0o555)
+    try:
+        outcome = attempt(repo, "train", preexec=without_root_privileges if os.geteuid() == 0 else None)
+    finally:
+        os.chmod(repo / folder, 0o755)
+    assert_refused(outcome, f"{output}: cannot write ({folder}/ is not writable)")
+    assert "epoch" not in outcome.result.stdout
+
+
+def file_size_limit(size: int) -> Callable[[], None]:
+    """A disk that fills up: writes beyond `size` bytes fail with EFBIG (SIGXFSZ ignored, so it is an OSError)."""
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return preexec
+
+
+@pytest.mark.parametrize("stage, size, message", [
+    ("prepare", 100_000, "data/prepared/train: cannot write (File too large)"),
+    ("train", 20_000, "models/last.pt: cannot write (torch.save: [enforce fail at inline_container.cc"),
+])
+def test_a_full_disk_is_one_line_naming_the_file(repo, stage, size, message):
+    if stage == "train":
+        write_params(repo / "params.yaml", {**PIPELINE, "train.epochs": 3})  # a fresh run, not the finished one
+    assert_refused(attempt(repo, stage, preexec=file_size_limit(size)), message)
+
+
+def test_a_batch_without_labelled_pixels_is_skipped_not_called_divergence(repo):
+    masks = np.load(repo / "data/prepared/train/masks.npy", mmap_mode="r+")
+    masks[4] = 255  # one image without a labelled pixel: alone in its batch of one
+    masks.flush()
+    write_params(repo / "params.yaml", {**PIPELINE, "train.batch_size": 1})
+    result = run_stage(repo, "train")
+    assert result.returncode == 0, result.stderr
+    history = (repo / "plots/train/history.csv").read_text().splitlines()
+    assert len(history) == 3 and "nan" not in "".join(history)
+
+
+def test_a_batch_without_labelled_pixels_changes_nothing(tiny_params):
+    params = tiny_params.model_copy(update={"model": tiny_params.model.model_copy(update={"head_channels": 16})})
+    K = params.data.num_classes
+    torch.manual_seed(1)
+    feats = torch.randn(1, 384, 4, 8)
+    labelled = torch.randint(0, K, (1, 56, 112))
+    unlabelled = torch.full_like(labelled, 255)
+
+    def one_epoch(inputs: list) -> tuple[dict, Evaluation]:
+        torch.manual_seed(0)
+        model = build_model(params.model, K)
+        optimizer = make_optimizer(params, model.head.parameters())
+        weights = torch.linspace(0.5, 2.0, K)
+        run = Run(torch.device("cpu"), False, K, 255)
+        stats = train_epoch(model, model.head, optimizer, run.grad_scaler(), build_loss(params.loss, weights, 255),
+                            iter(inputs),
+                            [(np.zeros(1, np.int64), True)] * len(inputs), weights, run, "epoch 1")
+        return model.head.state_dict(), stats
+
+    with_empty, empty_stats = one_epoch([(feats, unlabelled), (feats, labelled), (feats, unlabelled)])
+    without, stats = one_epoch([(feats, labelled)])
+    assert with_empty.keys() == without.keys() and all(torch.equal(with_empty[k], without[k]) for k in without)
+    assert empty_stats.loss == stats.loss and torch.equal(empty_stats.cm, stats.cm)
+
+
+def test_a_newline_in_a_file_name_round_trips(repo):
+    for folder in ("Color_Images", "Segmentation"):
+        src = scene(repo, folder, 1, "val")
+        src.rename(src.with_name("val\nnumber one.png"))
+    for stage in ("prepare", "evaluate"):
+        result = run_stage(repo, stage)
+        assert result.returncode == 0, result.stderr
+    assert json.loads((repo / "data/prepared/val/split.json").read_text())["names"] == \
+        ["val\nnumber one.png", "val_00000.png", "val_00002.png"]
+    with np.load(repo / "plots/evaluate/examples.npz") as examples:
+        assert examples["names"].tolist() == ["val\nnumber one.png", "val_00000.png"]
+
+
+def predict(repo: Path, images: Path, out: Path, *extra: str) -> Outcome:
+    return attempt(repo, "offroad.predict", args=("--images", str(images), "--out", str(out), *extra))
+
+
+def test_predict_reads_a_file_name_that_is_not_utf8(repo, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(scene(repo, "Color_Images", 0, "val"), os.fsencode(folder) + b"/scene_\xff.png")
+    outcome = predict(repo, folder, tmp_path / "out")
+    assert outcome.result.returncode == 0, outcome.result.stderr
+    assert os.listdir(os.fsencode(tmp_path / "out/masks")) == [b"scene_\xff.png"]
+
+
+def test_predict_refuses_images_that_share_a_stem(repo, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = cv2.imread(str(scene(repo, "Color_Images", 0, "val")))
+    for name in ("a.png", "a.jpg", "b.png"):
+        cv2.imwrite(str(folder / name), image)
+    outcome = predict(repo, folder, tmp_path / "out")
+    assert_refused(outcome, f"{folder}: images share a name stem", "a.jpg, a.png; rename them")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_to_write_into_its_input_folder(repo):
+    val = repo / "data/synthetic/val"
+    images = (val / "Color_Images").rename(val / "masks")  # --out val would write val/masks/NAME.png
+    assert_refused(predict(repo, images, val, "--masks", str(val / "Segmentation")),
+                   f"--out {val}: {val}/masks is the input folder {images}; its files would be overwritten")
+
+
+def shared_name(repo: Path) -> None:
+    for folder in ("Color_Images", "Segmentation"):
+        shutil.copy(scene(repo, folder, 0, "val"), repo / "data/synthetic/train" / folder)
+
+
+def class_missing(repo: Path) -> None:
+    masks = np.load(repo / "data/prepared/train/masks.npy", mmap_mode="r+")
+    masks[masks == CLASSES.index(next(c for c in CLASSES if c["name"] == "Dry Grass"))] = 0
+    masks.flush()
+
+
+WARNINGS = {
+    "a class absent from the train masks": (
+        "class_weights", class_missing,
+        "have no pixel in the train masks (data/prepared/train): the model cannot learn them", "'Dry Grass'"),
+    "an image name in both splits": (
+        "prepare", shared_name,
+        "1 image name(s) are in both the train and the val split of data/synthetic: val_00000.png", "optimistic"),
+    "images smaller than data.image_size": (
+        "prepare", params({"data.image_size": [252, 126]}),
+        "6 image(s) in data/synthetic/train/Color_Images are smaller than data.image_size, so they are upscaled to "
+        "252x126: train_00000.png (224x126)", "..."),
+    "images of another aspect ratio": (
+        "prepare", params({"data.image_size": [112, 112]}),
+        "image(s) in data/synthetic/val/Color_Images are of an aspect ratio more than 25 % off", "stretched"),
+    "evaluation on the train split": ("evaluate", params({"evaluate.split": "train"}),
+                                      "evaluate.split is 'train'", "not how well it generalises"),
+    "random backbone on real data": ("train", params({"data.root": "data/real"}),
+                                     "model.weights is 'random' with data.root data/real", "-S model.weights=dinov2"),
+}
+
+
+@pytest.mark.parametrize("case", WARNINGS)
+def test_a_likely_mistake_gets_a_warning_and_the_run_goes_on(repo, case):
+    stage, change, *excerpts = WARNINGS[case]
+    change(repo)
+    result = run_stage(repo, stage)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert [w for w in warnings if all(e in w for e in excerpts)], result.stderr
