@@ -34,7 +34,7 @@ class ReviewError(PipelineError):
 class Side:
     rev: str
     params: dict[str, Any]  # flat: "optimizer.lr" -> value
-    metrics: dict[str, Any]  # flat, from metrics/train.json and metrics/evaluate.json (per_class left out)
+    metrics: dict[str, Any]  # flat, from metrics/train.json and metrics/evaluate.json (per_class left out): {} if none
     per_class: dict[str, dict]  # evaluate.json's per_class
     per_image: tuple[list[str], np.ndarray] | None  # image names and [N, K, K] counts; None when not there
     figures: dict[str, bytes]  # plots/images/NAME.png -> bytes
@@ -57,7 +57,6 @@ def read_side(rev: str) -> Side:
     at = None if rev == WORKSPACE else rev
     try:
         params = dvc.api.params_show(rev=at)
-        shown = dvc.api.metrics_show(str(artifacts.TRAIN_METRICS), str(artifacts.EVAL_METRICS), rev=at)
         fs = None if at is None else dvc.api.DVCFileSystem(rev=at)
     except Exception as e:  # dvc raises its own types for an unknown revision, a missing repo, bad files
         raise ReviewError(f"{rev}: cannot read its params and metrics through dvc ({type(e).__name__}: {e})") from None
@@ -75,13 +74,23 @@ def read_side(rev: str) -> Side:
                 return None
             raise
 
-    evaluation = json.loads(read(artifacts.EVAL_METRICS) or "{}")
+    train, evaluation = (_json(read(path), f"{rev}:{path}") for path in (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS))
     class_names = [c["name"] for c in params.get("data", {}).get("classes", [])]
     text = read(artifacts.PER_IMAGE)
     per_image = None if text is None else artifacts.parse_per_image(text, class_names, f"{rev}:{artifacts.PER_IMAGE}")
-    metrics = {k: v for k, v in flatten(shown).items() if not k.startswith("per_class.")}
+    metrics = {k: v for k, v in flatten({**train, **evaluation}).items() if not k.startswith("per_class.")}
     return Side(rev, flatten(params), metrics, evaluation.get("per_class", {}), per_image,
                 {p: read(Path(p), "rb") for p in figure_paths(fs)})
+
+
+def _json(text: str | None, where: str) -> dict:
+    try:
+        found = json.loads(text) if text is not None else {}
+    except ValueError as e:
+        raise ReviewError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise ReviewError(f"{where}: not a JSON object")
+    return found
 
 
 def figure_paths(fs) -> list[str]:
