@@ -34,7 +34,8 @@ RECIPES = {"phase2": None, "phase2-multiscale": "experiments/phase2_multiscale.a
 
 def overrides(path: str | None) -> dict:
     """`-S key=value` lines as {key: value}, values parsed as YAML (as `dvc exp run -S` does)."""
-    pairs = (line.removeprefix("-S ").split("=", 1) for line in Path(path).read_text().split("\n") if line) if path else ()
+    lines = Path(path).read_text().splitlines() if path else []
+    pairs = (line.removeprefix("-S ").split("=", 1) for line in lines if line.strip())
     return {key: yaml.safe_load(value) for key, value in pairs}
 
 

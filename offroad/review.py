@@ -69,12 +69,8 @@ def read_side(rev: str) -> Side:
                 return f.read()
         except (FileNotFoundError, IsADirectoryError):
             return None
-        except Exception as e:  # dvc's PathMissingError and friends
-            if "not exist" in str(e) or "PathMissing" in type(e).__name__:
-                return None
-            raise
 
-    train, evaluation = (_json(read(path), f"{rev}:{path}") for path in (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS))
+    train, evaluation = (_json(read(p), f"{rev}:{p}") for p in (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS))
     class_names = [c["name"] for c in params.get("data", {}).get("classes", [])]
     text = read(artifacts.PER_IMAGE)
     per_image = None if text is None else artifacts.parse_per_image(text, class_names, f"{rev}:{artifacts.PER_IMAGE}")
@@ -128,7 +124,9 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.4g}" if abs(value) >= 1000 else f"{value:.4f}".rstrip("0").rstrip(".")
+        if math.isnan(value):
+            return "—"
+        return f"{value:.4g}" if abs(value) >= 1000 else f"{value:.4f}".rstrip("0").rstrip(".")
     if isinstance(value, (list, dict)):
         return f"`{json.dumps(value)}`"
     return str(value)
@@ -174,8 +172,10 @@ def metrics_section(old: Side, new: Side, resamples: int, seed: int) -> list[str
                 notes.append(f"Left out, scored by one side only: {only_old} image(s) of `{old.rev}`, "
                              f"{only_new} of `{new.rev}`.")
     bounds = re.compile(r"_(low|high)$")
-    others = sorted(k for k in old.metrics.keys() | new.metrics.keys() if k not in bootstrap.SCORES
-                    and not bounds.search(k) and (_number(old.metrics.get(k)) or old.metrics.get(k) != new.metrics.get(k)))
+    # the other numbers, and the other values where they differ; the interval bounds are in the verdict column
+    others = sorted(k for k in old.metrics.keys() | new.metrics.keys()
+                    if k not in bootstrap.SCORES and not bounds.search(k)
+                    and (_number(old.metrics.get(k)) or old.metrics.get(k) != new.metrics.get(k)))
     keys = [*bootstrap.SCORES, *others]
     rows = []
     for k in keys:

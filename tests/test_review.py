@@ -97,8 +97,9 @@ def test_report_names_the_side_without_per_image_data():
     assert "`v1.0` has no per-image data" in text and "git checkout v1.0 -- params.yaml dvc.lock" in text
     assert "`workspace` has no per-image data" not in text
     assert "better" not in text and "within noise" not in text
+    text = review.report(side("a", cms), side("workspace", None))
     assert "`workspace` has no per-image data (`metrics/per_image_confusion.csv`), so its scores cannot be tested " \
-           "against noise. To produce it, run `dvc repro evaluate`." in review.report(side("a", cms), side("workspace", None))
+           "against noise. To produce it, run `dvc repro evaluate`." in text
 
 
 # --- real revisions, through dvc ----------------------------------------------------------------------------
