@@ -28,8 +28,10 @@ CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
 LAST = Path("models/last.pt")  # resume state
 HISTORY = Path("plots/train/history.csv")
 TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_SPEED = Path("metrics/speed/train.json")  # timings: not a dvc metric, so a rerun leaves `metrics diff` quiet
 EVAL_METRICS = Path("metrics/evaluate.json")
 EVAL_TABLE = Path("metrics/evaluation_metrics.txt")
+PER_IMAGE = Path("metrics/per_image_confusion.csv")  # what the bootstrap intervals and the review report resample
 PER_CLASS = Path("plots/evaluate/per_class.csv")
 CONFUSION = Path("plots/evaluate/confusion.csv")
 EXAMPLES = Path("plots/evaluate/examples.npz")
@@ -39,6 +41,7 @@ FIGURES = Path("plots/images")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_iou", "val_iou", "train_dice", "val_dice",
                    "train_acc", "val_acc", "lr")
 PER_CLASS_COLUMNS = ("class", "iou", "dice", "precision", "recall", "pixel_share")
+PER_IMAGE_COLUMNS = ("image", "truth", "prediction", "count")
 DIGITS = 5  # rounding of the evaluation files, so `dvc metrics diff` stays readable
 
 
@@ -184,6 +187,17 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
 
 
+# --- train metrics: metrics/train.json (results) and metrics/speed/train.json (timings) ----------------------
+
+SPEED_FIELDS = ("train_seconds", "images_per_second", "backbone_seconds_saved")  # differ on every run
+
+
+def write_train_metrics(summary: dict) -> None:
+    """The run's results to TRAIN_METRICS; its timings to TRAIN_SPEED, outside `dvc metrics diff`."""
+    write_json(TRAIN_SPEED, {k: summary[k] for k in SPEED_FIELDS})
+    write_json(TRAIN_METRICS, {k: v for k, v in summary.items() if k not in SPEED_FIELDS})
+
+
 # --- training history: plots/train/history.csv -----------------------------------------------------------
 
 def write_history(rows: list[dict], path: Path = HISTORY) -> None:
@@ -255,6 +269,46 @@ def read_confusion(path: Path = CONFUSION) -> tuple[np.ndarray, list[str]]:
         return np.array([[int(v) for v in r[1:]] for r in rows], dtype=np.int64).reshape(len(names), -1), names
     except (FileNotFoundError, ValueError):
         raise ArtifactError(f"{path}: not found, or not a square matrix with the header's classes as rows") from None
+
+
+# --- per-image confusion matrices: metrics/per_image_confusion.csv ----------------------------------------
+# Long form, nonzero cells only: one row per (image, truth class, predicted class), images in split order.
+
+def write_per_image(names: list[str], per_image: np.ndarray, class_names: list[str], path: Path = PER_IMAGE) -> None:
+    rows = [[names[i], class_names[t], class_names[p], int(per_image[i, t, p])]
+            for i, t, p in zip(*np.nonzero(per_image))]
+    write_text(path, _csv([list(PER_IMAGE_COLUMNS), *rows]))
+
+
+def parse_per_image(text: str, class_names: list[str], source: str | Path = PER_IMAGE) -> tuple[list[str], np.ndarray]:
+    """(image names in file order, int64 [N, K, K]) from the text of a per-image file. Images without a labelled
+    pixel have no row: they would add nothing to any score."""
+    index = {name: i for i, name in enumerate(class_names)}
+    reader = csv.DictReader(io.StringIO(text))
+    if tuple(reader.fieldnames or ()) != PER_IMAGE_COLUMNS:
+        raise ArtifactError(f"{source}: header {reader.fieldnames} is not {','.join(PER_IMAGE_COLUMNS)}")
+    images: dict[str, int] = {}
+    cells = []
+    try:
+        for r in reader:
+            cells.append((images.setdefault(r["image"], len(images)), index[r["truth"]], index[r["prediction"]],
+                          int(r["count"])))
+    except KeyError as e:
+        raise ArtifactError(f"{source}: class {e} is not in data.classes {list(class_names)}") from None
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{source}: bad row ({e})") from None
+    counts = np.zeros((len(images), len(class_names), len(class_names)), np.int64)
+    for i, t, p, c in cells:
+        counts[i, t, p] += c
+    return list(images), counts
+
+
+def read_per_image(class_names: list[str], path: Path = PER_IMAGE) -> tuple[list[str], np.ndarray]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not found (run `dvc repro evaluate`)") from None
+    return parse_per_image(text, class_names, path)
 
 
 # --- example predictions: plots/evaluate/examples.npz ----------------------------------------------------

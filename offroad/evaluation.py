@@ -26,6 +26,8 @@ class Evaluation:
     loss: float  # pixel-weighted mean loss over the split
     cm: torch.Tensor  # int64 [K, K] on the CPU, rows = ground truth
     preds: np.ndarray  # uint8 [E, H, W]: predictions for the first E of the indices given
+    # int64 [len(idx), K, K]: one matrix per image of this process's share, in the order of idx (not all-reduced)
+    per_image: np.ndarray | None = None
 
 
 def eval_features(model: Segmenter, images: np.ndarray, run: Run) -> torch.Tensor:
@@ -47,7 +49,7 @@ def evaluate(model: Segmenter, features: Features, masks: np.ndarray, idx: np.nd
     model.eval()
     cm = torch.zeros(run.num_classes, run.num_classes, dtype=torch.long, device=run.device)
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # weighted loss, weight
-    preds = []
+    preds, per_image = [], []
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):
             b = idx[start:start + batch_size]
@@ -58,9 +60,13 @@ def evaluate(model: Segmenter, features: Features, masks: np.ndarray, idx: np.nd
             # a batch without labelled pixels has a NaN mean loss and weight 0: it adds nothing
             sums += torch.stack([torch.where(weight > 0, loss_fn(logits.float(), target) * weight, 0.0), weight])
             pred = predicted_labels(logits)
-            cm += metrics.confusion_matrix(pred, target, run.num_classes, run.ignore_index)
+            cms = metrics.image_confusion_matrices(pred, target, run.num_classes, run.ignore_index)
+            cm += cms.sum(0)
+            per_image.append(cms.cpu())
             if start < keep:
                 preds.append(pred[:keep - start].to(torch.uint8).cpu())
     loss, weight = run.dist.sum(sums).tolist()
     kept = torch.cat(preds).numpy() if preds else np.zeros((0, *masks.shape[1:]), np.uint8)
-    return Evaluation(loss / weight if weight else math.nan, run.dist.sum(cm).cpu(), kept)
+    k = run.num_classes
+    images = torch.cat(per_image).numpy() if per_image else np.zeros((0, k, k), np.int64)
+    return Evaluation(loss / weight if weight else math.nan, run.dist.sum(cm).cpu(), kept, images)

@@ -26,6 +26,20 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return cm[:k, :k]
 
 
+def image_confusion_matrices(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                             ignore_index: int) -> torch.Tensor:
+    """int64 [B, K, K]: one confusion matrix per image of a [B, H, W] batch, from one bincount."""
+    k, b = num_classes, target.shape[0]
+    image = torch.arange(b, device=target.device).view(b, *([1] * (target.dim() - 1))).expand_as(target)
+    valid = target != ignore_index
+    t = target[valid].long().clamp(0, k)
+    p = pred[valid].long().clamp(0, k)
+    cms = torch.bincount((image[valid] * (k + 1) + t) * (k + 1) + p, minlength=b * (k + 1) ** 2).view(b, k + 1, k + 1)
+    if bool(cms[:, k].any() | cms[:, :, k].any()):  # one device sync
+        raise ValueError(f"confusion_matrix: class ids outside 0..{k - 1} (and not ignore_index {ignore_index})")
+    return cms[:, :k, :k]
+
+
 def _per_class(cm) -> dict[str, np.ndarray]:
     """Per-class scores as float arrays, NaN where the class is absent from the ground truth."""
     cm = cm.cpu().numpy() if isinstance(cm, torch.Tensor) else np.asarray(cm)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from offroad import artifacts
+from offroad import artifacts, bootstrap
 from offroad.config import load_params
 from offroad.errors import run_cli, warn
 from offroad.evaluation import evaluate, image_features
@@ -38,6 +38,8 @@ def main() -> None:
     report = {
         "miou": summary["miou"], "mdice": summary["mdice"], "pixel_accuracy": summary["pixel_accuracy"],
         "mean_class_accuracy": summary["mean_class_accuracy"], "loss": result.loss,
+        # 95 % interval over resampled images (offroad.bootstrap: seeded, so the same on every run)
+        **bootstrap.flat(bootstrap.intervals(result.per_image)),
         "checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "split": cfg.split, "images": len(split),
         "per_class": summary["per_class"],
     }
@@ -51,6 +53,7 @@ def main() -> None:
     artifacts.write_text(artifacts.EVAL_TABLE, header + table + epochs)
     artifacts.write_per_class(sort_by_iou(summary["per_class"]))
     artifacts.write_confusion(result.cm, data.class_names)
+    artifacts.write_per_image(split.names, result.per_image, data.class_names)
     artifacts.write_examples({"images": split.images[:keep], "masks": split.masks[:keep], "preds": result.preds,
                               "names": np.array(split.names[:keep], dtype=str)})
     print(header + table, end="")

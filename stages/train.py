@@ -49,7 +49,7 @@ def main() -> None:
         f"backbone {params.model.backbone} ({params.model.weights}), augment {'on' if params.augment.enabled else 'off'}")
     summary = fit(model, head, params, train, val, weights, run, log=log)
     if dist.main:
-        artifacts.write_json(artifacts.TRAIN_METRICS, {
+        artifacts.write_train_metrics({
             **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp,
             "amp_dtype": params.train.amp_dtype, "backbone": params.model.backbone,
             "backbone_weights": params.model.weights})

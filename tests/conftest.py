@@ -126,3 +126,25 @@ def run_dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# The whole pipeline in seconds (as test_dvc_workflow.TINY_RUN): TINY data, 2 epochs, 2 example images.
+TINY_PIPELINE = {**TINY, "train.epochs": 2, "train.batch_size": 2, "train.num_workers": 0, "evaluate.examples": 2,
+                 "prepare.workers": 1}
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project with TINY_PIPELINE params, `dvc repro`'d and committed (two commits: the
+    bare project, then its results). Read-only: copy it (`copy_project`) before changing anything."""
+    repo = copy_repo(tmp_path_factory.mktemp("reproduced") / "repo", TINY_PIPELINE)
+    run_dvc(repo, "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "tiny repro")
+    return repo
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A full copy of a git + DVC project (history, DVC cache and workspace)."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

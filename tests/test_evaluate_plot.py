@@ -194,6 +194,17 @@ def test_evaluate_writes_dataset_level_metrics_then_plot_draws_them(trained, tin
     cm, cm_names = artifacts.read_confusion(root / artifacts.CONFUSION)
     assert cm_names == params.data.class_names
     assert cm.sum() == (np.array(tiny_dataset.val.masks) != 255).sum()
+    names, per_image = artifacts.read_per_image(params.data.class_names, root / artifacts.PER_IMAGE)
+    assert names == tiny_dataset.val.names
+    gt = np.array(tiny_dataset.val.masks)
+    for i in range(len(names)):  # each image's matrix, counted here from its predictions
+        labelled = gt[i] != 255
+        expected = np.zeros_like(per_image[i])
+        np.add.at(expected, (gt[i][labelled], pred[i][labelled]), 1)
+        np.testing.assert_array_equal(per_image[i], expected)
+    np.testing.assert_array_equal(per_image.sum(0), cm)
+    for score in ("miou", "mdice", "pixel_accuracy", "mean_class_accuracy"):
+        assert report[f"{score}_low"] <= report[score] <= report[f"{score}_high"]
     with np.load(root / artifacts.EXAMPLES) as z:
         np.testing.assert_array_equal(z["images"], tiny_dataset.val.images[:2])
         np.testing.assert_array_equal(z["masks"], tiny_dataset.val.masks[:2])

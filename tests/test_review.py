@@ -1,0 +1,147 @@
+"""The review report (python -m offroad.review): paired verdicts, the report's sections, the real dvc revisions it
+reads; and a quiet `dvc metrics diff` after a rerun with nothing changed."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from offroad import bootstrap, review
+from offroad.errors import PipelineError
+from tests.conftest import copy_project, run_dvc
+
+K = 3
+PIXELS = 1000  # per class and image
+
+
+def image_cms(accuracy: np.ndarray) -> np.ndarray:
+    """[N, K, K]: every image has PIXELS of each class; a share `accuracy[i]` of them right, the rest taken for
+    the next class."""
+    right = np.round(np.asarray(accuracy) * PIXELS).astype(np.int64)
+    cms = np.zeros((len(right), K, K), np.int64)
+    for c in range(K):
+        cms[:, c, c] = right
+        cms[:, c, (c + 1) % K] = PIXELS - right
+    return cms
+
+
+def test_identical_runs_are_within_noise_everywhere():
+    cms = image_cms(np.random.default_rng(0).uniform(0.2, 0.9, 25))
+    result = bootstrap.paired(cms, cms.copy())
+    assert {s: r["verdict"] for s, r in result.items()} == dict.fromkeys(bootstrap.SCORES, "within noise")
+    assert all(r["change"] == r["low"] == r["high"] == 0 for r in result.values())
+
+
+def test_a_large_real_difference_is_better_and_its_reverse_worse():
+    rng = np.random.default_rng(1)
+    old, new = image_cms(rng.uniform(0.4, 0.6, 20)), image_cms(rng.uniform(0.8, 0.95, 20))
+    better, worse = bootstrap.paired(old, new), bootstrap.paired(new, old)
+    assert {s: r["verdict"] for s, r in better.items()} == dict.fromkeys(bootstrap.SCORES, "better")
+    assert {s: r["verdict"] for s, r in worse.items()} == dict.fromkeys(bootstrap.SCORES, "worse")
+    assert better["pixel_accuracy"]["change"] == pytest.approx(new.trace(axis1=1, axis2=2).sum() / new.sum()
+                                                               - old.trace(axis1=1, axis2=2).sum() / old.sum())
+
+
+def test_pairing_decides_where_the_unpaired_intervals_overlap():
+    # Images of very different difficulty, each a little easier for the new model: the spread between images
+    # swamps the gain in each side's own interval, and cancels out of the paired difference.
+    rng = np.random.default_rng(2)
+    accuracy = rng.uniform(0.3, 0.85, 40)
+    old, new = image_cms(accuracy), image_cms(accuracy + 0.02 + rng.uniform(-0.005, 0.005, 40))
+    alone_old, alone_new = bootstrap.intervals(old), bootstrap.intervals(new)
+    result = bootstrap.paired(old, new)
+    for score in ("miou", "pixel_accuracy"):
+        assert alone_new[score][0] < alone_old[score][1]  # the unpaired intervals overlap
+        assert result[score]["verdict"] == "better" and result[score]["low"] > 0.01
+
+
+def side(rev: str, cms: np.ndarray | None, lr: float = 5e-4) -> review.Side:
+    names = ["Background", "Trees", "Sky"]
+    scores = bootstrap.scores(cms.sum(0)) if cms is not None else dict.fromkeys(bootstrap.SCORES, 0.5)
+    per_image = None if cms is None else ([f"val_{i:03d}.png" for i in range(len(cms))], cms)
+    return review.Side(rev, {"optimizer.lr": lr, "train.epochs": 30}, {**{k: float(v) for k, v in scores.items()},
+                       "loss": 1.0, "best_epoch": 3}, {n: {"iou": 0.25 * i} for i, n in enumerate(names)},
+                       per_image, {"plots/images/per_class_iou.png": b"png"})
+
+
+def rows(markdown: str) -> dict[str, list[str]]:
+    """Table rows by their first cell (markup stripped)."""
+    found = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            found[re.sub(r"[*`]", "", cells[0])] = [re.sub(r"[*`]", "", c) for c in cells[1:]]
+    return found
+
+
+def test_report_lists_changed_params_verdicts_per_class_iou_and_figures(tmp_path):
+    rng = np.random.default_rng(3)
+    old, new = image_cms(rng.uniform(0.4, 0.6, 20)), image_cms(rng.uniform(0.8, 0.95, 20))
+    text = review.report(side("main", old), side("lr1e-3", new, lr=1e-3), out=tmp_path / "report.md")
+    table = rows(text)
+    assert table["optimizer.lr"] == ["0.0005", "0.001"] and "train.epochs" not in table
+    assert table["miou"][-1] == "better" and table["pixel_accuracy"][-1] == "better"
+    assert table["loss"] == ["1", "1", "+0", "", ""]  # no per-image form: no verdict
+    assert table["Sky"] == ["0.5", "0.5", "+0"]
+    assert table["per_class_iou.png"] == ["[main](report_figures/old/per_class_iou.png)",
+                                          "[lr1e-3](report_figures/new/per_class_iou.png)"]
+    assert (tmp_path / "report_figures/new/per_class_iou.png").read_bytes() == b"png"
+
+
+def test_report_names_the_side_without_per_image_data():
+    cms = image_cms(np.full(5, 0.5))
+    text = review.report(side("v1.0", None), side("workspace", cms))
+    assert "`v1.0` has no per-image data" in text and "git checkout v1.0 -- params.yaml dvc.lock" in text
+    assert "`workspace` has no per-image data" not in text
+    assert "better" not in text and "within noise" not in text
+    text = review.report(side("a", cms), side("workspace", None))
+    assert "`workspace` has no per-image data (`metrics/per_image_confusion.csv`), so its scores cannot be tested " \
+           "against noise. To produce it, run `dvc repro evaluate`." in text
+
+
+# --- real revisions, through dvc ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rerun(reproduced_project, tmp_path_factory) -> tuple[Path, str]:
+    """The reproduced project, committed, after `dvc repro -f -s train` (train again, nothing changed)."""
+    repo = copy_project(reproduced_project, tmp_path_factory.mktemp("rerun") / "repo")
+    run_dvc(repo, "repro", "-f", "-s", "train")
+    return repo, run_dvc(repo, "metrics", "diff").stdout
+
+
+def test_a_rerun_with_nothing_changed_leaves_metrics_diff_quiet(rerun):
+    repo, diff = rerun
+    assert diff == ""
+    # the speed figures are kept, in a file the default diff leaves out; --targets compares them
+    speed = json.loads(run_dvc(repo, "metrics", "diff", "--targets", "metrics/speed/train.json", "--all",
+                               "--json").stdout)["metrics/speed/train.json"]
+    assert set(speed) == {"train_seconds", "images_per_second", "backbone_seconds_saved"}
+    assert speed["train_seconds"]["new"] == json.loads((repo / "metrics/speed/train.json").read_text())["train_seconds"]
+    assert "train_seconds" not in json.loads((repo / "metrics/train.json").read_text())
+
+
+def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):
+    repo, _ = rerun
+    monkeypatch.chdir(repo)
+    review.main(["HEAD", "--out", str(tmp_path / "same.md")])  # HEAD against the rerun workspace
+    same = (tmp_path / "same.md").read_text()
+    assert "No param changed." in same
+    verdicts = [cells[-1] for name, cells in rows(same).items() if name in bootstrap.SCORES]
+    assert verdicts == ["within noise"] * len(bootstrap.SCORES)
+    assert sorted(p.name for p in (tmp_path / "same_figures/new").iterdir()) == \
+        sorted(p.name for p in (repo / "plots/images").iterdir())
+
+    review.main(["HEAD~1", "HEAD", "--out", str(tmp_path / "bare.md")])  # the commit before any results
+    assert "`HEAD~1` has no per-image data" in (tmp_path / "bare.md").read_text()
+
+    run_dvc(repo, "exp", "run", "-n", "batch1", "-S", "evaluate.batch_size=1")  # reruns evaluate and plot only
+    review.main(["HEAD", "batch1", "--out", str(tmp_path / "exp.md")])
+    table = rows((tmp_path / "exp.md").read_text())
+    assert table["evaluate.batch_size"] == ["8", "1"]
+    assert [table[s][-1] for s in bootstrap.SCORES] == ["within noise"] * len(bootstrap.SCORES)
+
+    with pytest.raises(PipelineError, match="no-such-rev: cannot read its params and metrics"):
+        review.main(["no-such-rev"])
