@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from offroad.runtime import configure_cpu
+from offroad.runtime import choose_attention, configure_cpu
 from offroad.vit import DinoVisionTransformer, attention, build_backbone
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,12 +70,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(266, 476), metavar=("H", "W"))
     parser.add_argument("--batches", type=int, nargs="+", default=(1, 8))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", default="auto", choices=("auto", "sdpa", "matmul"),
+                        help="CPU bf16 attention kernel (auto: by the CPU's capabilities, as model.attention)")
     args = parser.parse_args()
     configure_cpu()
     h, w = args.size
     model = build_backbone(args.backbone)
+    kernel, why = choose_attention(args.attention)
+    model.set_attention(kernel)
     flops = forward_flops(model, h, w)
-    print(f"{args.backbone} at {h}x{w}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.backbone} at {h}x{w}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"attention {kernel} ({why})")
     print(f"one forward: {flops / 1e9:.2f} GFLOP of matmuls by formula, "
           f"{counted_flops(model, torch.zeros(1, 3, h, w)) / 1e9:.2f} counted by torch FlopCounterMode")
     peak = {name: matmul_gflops(dtype) for name, dtype in DTYPES.items()}
@@ -94,7 +99,7 @@ def main() -> None:
                   f"= {achieved / peak[name]:4.0%} of the {name} matmul peak")
     tokens = 1 + model.num_registers + (h // model.patch_size) * (w // model.patch_size)
     batch = args.batches[-1]
-    for what, fn in (("SDPA", F.scaled_dot_product_attention), ("offroad.vit.attention", attention)):
+    for what, fn in (("SDPA", F.scaled_dot_product_attention), ("matmul -> softmax -> matmul", attention)):
         rates = [f"{name} {attention_gflops(model, tokens, batch, dtype, fn):.0f}" for name, dtype in DTYPES.items()]
         print(f"attention core alone ({what}, batch {batch}): {', '.join(rates)} GFLOP/s")
     x = torch.randn(1, 3, h, w)

@@ -110,6 +110,7 @@ class Model(Section):
     head_channels: Positive
     layers: Positive  # intermediate blocks fused by the multiscale head
     init_seed: Count  # seed of the random backbone, so train and evaluate build the same one
+    attention: Literal["auto", "sdpa", "matmul"]  # CPU bf16 attention kernel; auto: by the CPU's capabilities
 
 
 class Optimizer(Section):

@@ -109,6 +109,33 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfl
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def choose_attention(setting: str, flags: set[str] | None = None) -> tuple[str, str]:
+    """The attention kernel for model.attention (auto | sdpa | matmul) and why: decided by the CPU's
+    capabilities, never by timing, so a run does not change kernels (and bf16 roundings) from run to run.
+    auto: the hand-written matmul attention where bf16 runs on AVX-512 bf16 without AMX (AMD EPYC: 2.6x
+    SDPA's speed), SDPA where AMX tiles do the bf16 matmuls (Intel Xeon: SDPA 37 % faster) and elsewhere."""
+    if setting != "auto":
+        return setting, "model.attention"
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "sdpa", "auto: CPU with AMX"
+    if "avx512_bf16" in flags:
+        return "matmul", "auto: CPU with AVX-512 bf16, no AMX"
+    return "sdpa", "auto: CPU without AVX-512 bf16"
+
+
 def configure_cpu() -> None:
     """The node's cores shared by its processes (LOCAL_WORLD_SIZE, set by a launcher) unless the user set
     OMP_NUM_THREADS; glibc malloc keeps freed memory.

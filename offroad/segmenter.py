@@ -12,6 +12,7 @@ from offroad.artifacts import read_torch
 from offroad.config import PATCH, Model, Params
 from offroad.errors import PipelineError
 from offroad.heads import ConvNeXtHead, MultiScaleHead
+from offroad.runtime import choose_attention
 from offroad.vit import DinoVisionTransformer, build_backbone, load_backbone_weights, preprocess
 
 
@@ -69,6 +70,7 @@ def build_model(model: Model, num_classes: int) -> Segmenter:
         raise PipelineError(f"model.layers {model.layers} exceeds the {depth} blocks of {model.backbone}")
     else:
         head, layers = MultiScaleHead(backbone.embed_dim, model.layers, model.head_channels, num_classes), model.layers
+    backbone.set_attention(choose_attention(model.attention)[0])
     # channels-last convolutions: a bf16 train step of either head at batch 2 is ~10 % faster on the CPU
     # (inference ~27 %), and it is the layout bf16 convolutions want on GPUs
     return Segmenter(backbone, head.to(memory_format=torch.channels_last), layers)

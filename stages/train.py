@@ -12,7 +12,7 @@ import torch.distributed
 from offroad import artifacts, launch
 from offroad.config import load_params
 from offroad.errors import run_cli
-from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
+from offroad.runtime import Run, choose_attention, configure_cpu, init_distributed, resolve_device
 from offroad.segmenter import build_model
 from offroad.training import fit, warn_about_weights
 
@@ -51,7 +51,8 @@ def main() -> None:
     if dist.main:
         artifacts.write_train_metrics({
             **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp,
-            "amp_dtype": params.train.amp_dtype, "backbone": params.model.backbone,
+            "amp_dtype": params.train.amp_dtype, "attention": "{} ({})".format(*choose_attention(params.model.attention)),
+            "backbone": params.model.backbone,
             "backbone_weights": params.model.weights})
     if dist.world > 1:
         torch.distributed.destroy_process_group()
