@@ -472,3 +472,29 @@ def test_dinov2_uses_the_hub_cache(tmp_path, monkeypatch):
     backbone = build_backbone("dinov2_vits14_reg")
     assert str(target) in load_backbone_weights(backbone, "dinov2", "dinov2_vits14_reg")
     assert torch.equal(backbone.register_tokens, state["register_tokens"])
+
+
+def test_layer_scale_multiplies_by_a_trained_gamma():
+    # random init has gamma = 1, so only a gamma != 1 (as in the official weights) shows what forward does
+    from offroad.vit import LayerScale
+    g = torch.Generator().manual_seed(0)
+    ls = LayerScale(8)
+    with torch.no_grad():
+        ls.gamma.copy_(torch.rand(8, generator=g) * 2 - 0.5)
+    x = torch.randn(2, 5, 8, generator=g)
+    expected = x.double().numpy() * ls.gamma.detach().double().numpy()
+    np.testing.assert_allclose(ls(x).detach().double().numpy(), expected, rtol=1e-6)
+
+
+def test_forward_with_trained_layer_scales_matches_plain_reference():
+    model = build_backbone("dinov2_vits14", seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+    image = torch.randn(3, 28, 42, generator=g)
+    with torch.no_grad():
+        got = model(image[None])[0]
+    expected = reference_tokens(model.state_dict(), image, heads=6)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
