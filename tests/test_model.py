@@ -498,3 +498,43 @@ def test_forward_with_trained_layer_scales_matches_plain_reference():
         got = model(image[None])[0]
     expected = reference_tokens(model.state_dict(), image, heads=6)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def conv(x, sd, p, **kw):
+    return F.conv2d(x, sd[p + ".weight"], sd[p + ".bias"], **kw)
+
+
+def convnext_block_reference(x, sd, p, groups):
+    return gelu(conv(gelu(conv(x, sd, p + ".0", padding=3, groups=groups)), sd, p + ".2"))
+
+
+def test_convnext_head_matches_a_float64_reference():
+    from offroad.heads import ConvNeXtHead
+    torch.manual_seed(0)
+    head = ConvNeXtHead(12, 8, 5).eval()
+    x = torch.randn(2, 12, 4, 6)
+    sd = {k: v.double() for k, v in head.state_dict().items()}
+    y = gelu(conv(x.double(), sd, "stem.0", padding=3))
+    expected = conv(convnext_block_reference(y, sd, "block", 8), sd, "classifier")
+    with torch.no_grad():
+        torch.testing.assert_close(head(x).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_multiscale_head_matches_a_float64_reference():
+    torch.manual_seed(0)
+    head = MultiScaleHead(6, 3, 8, 5).eval()
+    x = torch.randn(2, 18, 5, 7)  # odd sizes: the pooled maps are ceil-rounded, then resized back
+    sd = {k: v.double() for k, v in head.state_dict().items()}
+    y = gelu(conv(gelu(conv(x.double(), sd, "project.0", groups=3)), sd, "fuse.0", padding=1))
+    context = 0
+    for i, s in enumerate((2, 4)):
+        pooled = F.avg_pool2d(y, s, ceil_mode=True)
+        c = convnext_block_reference(pooled, sd, f"context.{i}.1", 8)
+        context = context + F.interpolate(c, size=(5, 7), mode="bilinear", align_corners=False)
+    expected = conv(y + convnext_block_reference(y, sd, "local", 8) + context, sd, "classifier")
+    with torch.no_grad():
+        torch.testing.assert_close(head(x).double(), expected, rtol=1e-4, atol=1e-5)

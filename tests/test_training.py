@@ -74,8 +74,11 @@ def test_loss_falls_and_history_has_the_report_columns(tmp_path, splits):
     p = tiny_params(**{"train.epochs": 4, "optimizer.lr": 2e-3, "augment.enabled": False, "train.amp": False})
     summary, rows, _ = run(tmp_path, splits, p)
     assert tuple(rows[0]) == HISTORY_COLUMNS
-    losses = [float(r["train_loss"]) for r in rows]
-    assert losses[-1] < losses[0] * 0.8
+    # each epoch's step sizes are checked exactly elsewhere (test_ddp_scaling, the recorded run below); here
+    # the whole loop must improve the head every epoch, on the train and the val split
+    for side in ("train", "val"):
+        losses = [float(r[f"{side}_loss"]) for r in rows]
+        assert all(b < a for a, b in zip(losses, losses[1:])), (side, losses)
     assert summary["epochs_run"] == 4 and not summary["stopped_early"]
 
 
