@@ -49,7 +49,7 @@ def data(n: int, seed: int = 0):
     feats = torch.randn(n, 16, 2, 4, generator=g)
     target = torch.randint(0, K, (n, 14, 28), generator=g)
     target[torch.rand(target.shape, generator=g) < 0.3] = IGNORE
-    target[0] = IGNORE  # an image without labels: weight 0 wherever it lands
+    target[1] = IGNORE  # an image without labels: weight 0 wherever it lands (image 0 fills empty shares)
     return feats, target, torch.tensor([0.5, 1.0, 2.0, 4.0])
 
 
