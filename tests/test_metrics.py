@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from offroad.metrics import confusion_matrix, epoch_scores, format_summary, rounded, summarize
+from offroad.metrics import confusion_matrix, epoch_scores, format_summary, rounded, sort_by_iou, summarize
 
 IGNORE = 255
 
@@ -143,3 +143,12 @@ def test_rounded_and_table():
     rows = [line.split()[0] for line in lines[lines.index("") + 2:]]
     assert rows == ["Logs", "Sky", "Trees"]  # best IoU first (5/7 > 3/5), absent class last
     assert "—" in lines[-1]
+
+
+def test_sort_by_iou_puts_the_best_first_and_absent_classes_last_in_class_order():
+    per_class = {"A": {"iou": 0.2}, "B": {"iou": None}, "C": {"iou": 0.9}, "D": {"iou": 0.0}, "E": {"iou": None}}
+    assert [name for name, _ in sort_by_iou(per_class)] == ["C", "A", "D", "B", "E"]
+
+
+def test_rounded_reaches_into_lists_and_tuples():
+    assert rounded({"a": [0.123456789, (1.0004, "x")], "b": 2}, 3) == {"a": [0.123, [1.0, "x"]], "b": 2}
