@@ -75,3 +75,7 @@ def test_stage_without_prepared_masks_says_what_to_run(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="dvc repro prepare"):
         class_weights.main()
     assert not (tmp_path / "data/class_weights.json").exists()
+
+
+def test_a_class_with_one_pixel_is_present():
+    np.testing.assert_allclose(inverse_frequency(np.array([1, 4, 0]), 2.0), [2.0, 0.5, 2.0])
