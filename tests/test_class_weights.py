@@ -44,7 +44,8 @@ def test_pixel_counts_skip_ignore_index_and_do_not_depend_on_chunking():
     expected = [int((masks == c).sum()) for c in range(4)]
     data = make_params({"data.classes": [{"name": str(c), "raw": [c]} for c in range(4)]}).data
     for chunk in (1, 3, 64):
-        assert label_counts(masks, "m", data, "", chunk).tolist() == expected
+        counts = label_counts(masks, "m", data, "", chunk)
+        assert counts.dtype == np.int64 and counts.tolist() == expected  # exact past 2**53 pixels too
 
 
 @pytest.mark.parametrize("method", ["inverse_frequency", "median_frequency", "none"])
@@ -76,3 +77,7 @@ def test_stage_without_prepared_masks_says_what_to_run(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="dvc repro prepare"):
         class_weights.main()
     assert not (tmp_path / "data/class_weights.json").exists()
+
+
+def test_a_class_with_one_pixel_is_present():
+    np.testing.assert_allclose(inverse_frequency(np.array([1, 4, 0]), 2.0), [2.0, 0.5, 2.0])

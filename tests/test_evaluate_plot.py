@@ -292,3 +292,68 @@ def test_predict_without_masks_and_bad_input(trained, tiny_dataset):
         predict.main(["--images", str(folder), "--out", "out", "--checkpoint", "models/nope.pt"])
     with pytest.raises(PipelineError, match="no mask for 1 image"):
         predict.main(["--images", str(folder), "--out", "out", "--masks", str(root / "models")])
+
+
+def drawn_figures(monkeypatch):
+    """Run the plot stage, keeping the Figure objects it saves by file name."""
+    from offroad import figures
+    drawn = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path, dpi: drawn.setdefault(path.name, fig))
+    plot.main()
+    return drawn
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_plot_draws_the_numbers_of_its_inputs(plot_dir, monkeypatch):
+    drawn = drawn_figures(monkeypatch)
+    history = read_rows(plot_dir / artifacts.HISTORY)
+    column = {k: [float(r[k]) for r in history] for k in history[0]}
+    best = max(history, key=lambda r: float(r["val_iou"]))["epoch"]
+
+    axes = drawn["all_metrics_curves.png"].axes
+    assert [ax.get_title() for ax in axes] == ["Loss", "Mean IoU", "Mean Dice", "Pixel accuracy"]
+    for ax, key, scale in zip(axes, ["loss", "iou", "dice", "acc"], [1, 1, 1, 100]):
+        train, val, marker = ax.get_lines()
+        for line, side in [(train, "train"), (val, "val")]:
+            assert line.get_label() == side
+            np.testing.assert_allclose(line.get_xdata(), column["epoch"])
+            np.testing.assert_allclose(line.get_ydata(), np.array(column[f"{side}_{key}"]) * scale)
+        assert list(marker.get_xdata()) == [float(best)] * 2 and f"best epoch {best} " in marker.get_label()
+
+    lr_line, = drawn["lr_schedule.png"].axes[0].get_lines()
+    np.testing.assert_allclose(lr_line.get_ydata(), column["lr"])
+
+    per_class = read_rows(plot_dir / artifacts.PER_CLASS)
+    ious = {r["class"]: float(r["iou"]) for r in per_class}
+    ax = drawn["per_class_iou.png"].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == sorted(ious, key=lambda n: ious[n])  # best on top
+    np.testing.assert_allclose([b.get_width() for b in ax.patches], [ious[n] for n in labels])
+    assert ax.get_lines()[0].get_xdata()[0] == pytest.approx(np.mean(list(ious.values())))
+
+    cm = np.array([[float(v) for v in list(r.values())[1:]] for r in read_rows(plot_dir / artifacts.CONFUSION)])
+    shown = drawn["confusion_matrix.png"].axes[0].get_images()[0].get_array()
+    for i in range(len(NAMES)):
+        if cm[i].sum():
+            np.testing.assert_allclose(shown[i], 100 * cm[i] / cm[i].sum())
+        else:
+            assert np.isnan(np.asarray(shown[i], float)).all()  # Logs: absent
+
+    stats = json.loads((plot_dir / artifacts.CLASS_STATS).read_text())
+    share_ax, weight_ax = drawn["class_distribution.png"].axes
+    order = sorted(stats, key=lambda n: stats[n]["share"])
+    np.testing.assert_allclose([b.get_width() for b in share_ax.patches], [100 * stats[n]["share"] for n in order])
+    np.testing.assert_allclose([b.get_width() for b in weight_ax.patches], [stats[n]["weight"] for n in order])
+
+    with np.load(plot_dir / artifacts.EXAMPLES) as z:
+        examples = {k: z[k] for k in z.files}
+    axes = drawn["predictions.png"].axes
+    for i in range(len(examples["images"])):
+        image, truth, pred, _ = (ax.get_images()[0].get_array() for ax in axes[4 * i:4 * i + 4])
+        np.testing.assert_array_equal(image, examples["images"][i])
+        np.testing.assert_array_equal(truth, colorize(examples["masks"][i], len(NAMES)))
+        np.testing.assert_array_equal(pred, colorize(examples["preds"][i], len(NAMES)))

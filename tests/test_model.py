@@ -472,3 +472,69 @@ def test_dinov2_uses_the_hub_cache(tmp_path, monkeypatch):
     backbone = build_backbone("dinov2_vits14_reg")
     assert str(target) in load_backbone_weights(backbone, "dinov2", "dinov2_vits14_reg")
     assert torch.equal(backbone.register_tokens, state["register_tokens"])
+
+
+def test_layer_scale_multiplies_by_a_trained_gamma():
+    # random init has gamma = 1, so only a gamma != 1 (as in the official weights) shows what forward does
+    from offroad.vit import LayerScale
+    g = torch.Generator().manual_seed(0)
+    ls = LayerScale(8)
+    with torch.no_grad():
+        ls.gamma.copy_(torch.rand(8, generator=g) * 2 - 0.5)
+    x = torch.randn(2, 5, 8, generator=g)
+    expected = x.double().numpy() * ls.gamma.detach().double().numpy()
+    np.testing.assert_allclose(ls(x).detach().double().numpy(), expected, rtol=1e-6)
+
+
+def test_forward_with_trained_layer_scales_matches_plain_reference():
+    model = build_backbone("dinov2_vits14", seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+    image = torch.randn(3, 28, 42, generator=g)
+    with torch.no_grad():
+        got = model(image[None])[0]
+    expected = reference_tokens(model.state_dict(), image, heads=6)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def conv(x, sd, p, **kw):
+    return F.conv2d(x, sd[p + ".weight"], sd[p + ".bias"], **kw)
+
+
+def convnext_block_reference(x, sd, p, groups):
+    return gelu(conv(gelu(conv(x, sd, p + ".0", padding=3, groups=groups)), sd, p + ".2"))
+
+
+def test_convnext_head_matches_a_float64_reference():
+    from offroad.heads import ConvNeXtHead
+    torch.manual_seed(0)
+    head = ConvNeXtHead(12, 8, 5).eval()
+    x = torch.randn(2, 12, 4, 6)
+    sd = {k: v.double() for k, v in head.state_dict().items()}
+    y = gelu(conv(x.double(), sd, "stem.0", padding=3))
+    expected = conv(convnext_block_reference(y, sd, "block", 8), sd, "classifier")
+    with torch.no_grad():
+        torch.testing.assert_close(head(x).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_multiscale_head_matches_a_float64_reference():
+    torch.manual_seed(0)
+    head = MultiScaleHead(6, 3, 8, 5).eval()
+    x = torch.randn(2, 18, 5, 7)  # odd sizes: the pooled maps are ceil-rounded, then resized back
+    sd = {k: v.double() for k, v in head.state_dict().items()}
+    y = gelu(conv(gelu(conv(x.double(), sd, "project.0", groups=3)), sd, "fuse.0", padding=1))
+    context = 0
+    for i, s in enumerate((2, 4)):
+        pooled = F.avg_pool2d(y, s, ceil_mode=True)
+        c = convnext_block_reference(pooled, sd, f"context.{i}.1", 8)
+        context = context + F.interpolate(c, size=(5, 7), mode="bilinear", align_corners=False)
+    expected = conv(y + convnext_block_reference(y, sd, "local", 8) + context, sd, "classifier")
+    with torch.no_grad():
+        torch.testing.assert_close(head(x).double(), expected, rtol=1e-4, atol=1e-5)

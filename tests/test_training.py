@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unittest import mock
 
@@ -13,7 +14,7 @@ from offroad.augment import build_augment
 from offroad.losses import build_loss
 from offroad.runtime import Dist, Run
 from offroad.segmenter import build_model
-from offroad.training import Outputs, TrainingError, epoch_batches, fit, lr_at
+from offroad.training import Outputs, TrainingError, epoch_batches, fingerprint, fit, lr_at
 from tests.conftest import TINY, make_params
 
 TRAIN = {"train.epochs": 3, "train.batch_size": 4, "train.num_workers": 0, "train.device": "cpu"}
@@ -73,8 +74,11 @@ def test_loss_falls_and_history_has_the_report_columns(tmp_path, splits):
     p = tiny_params(**{"train.epochs": 4, "optimizer.lr": 2e-3, "augment.enabled": False, "train.amp": False})
     summary, rows, _ = run(tmp_path, splits, p)
     assert tuple(rows[0]) == HISTORY_COLUMNS
-    losses = [float(r["train_loss"]) for r in rows]
-    assert losses[-1] < losses[0] * 0.8
+    # each epoch's step sizes are checked exactly elsewhere (test_ddp_scaling, the recorded run below); here
+    # the whole loop must improve the head every epoch, on the train and the val split
+    for side in ("train", "val"):
+        losses = [float(r[f"{side}_loss"]) for r in rows]
+        assert all(b < a for a, b in zip(losses, losses[1:])), (side, losses)
     assert summary["epochs_run"] == 4 and not summary["stopped_early"]
 
 
@@ -181,3 +185,144 @@ def test_augmentation_keeps_masks_aligned_with_images():
         assert agreement(img, m) > 0.93  # only pixels on block edges blend under bilinear resampling
         assert agreement(img, np.roll(m, 8, axis=1)) < 0.7  # a mask off by half a block fails the check
     assert changed >= 15
+
+
+# --- selection and bookkeeping against independent numbers ---------------------------------------------------
+# One step per epoch (batch 8 > 6 train images), fp32, no augmentation: the train statistics of epoch e are
+# those of the head after epoch e - 1 on all train images, so everything in history.csv can be recomputed
+# here with plain torch + numpy from the heads the loop held.
+RECORDED = {"train.epochs": 8, "train.batch_size": 8, "optimizer.lr": 1e-2, "scheduler.min_lr": 1e-3,
+            "augment.enabled": False, "train.amp": False, "train.early_stopping_patience": 1}
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, splits):
+    """A finished run plus what the loop held: the head before training and after every epoch, and the lr the
+    optimizer had at every step (read from its param group by a step pre-hook)."""
+    import offroad.training as training
+    tmp = tmp_path_factory.mktemp("recorded")
+    p = tiny_params(**RECORDED)
+    heads, step_lrs = [], []
+    make_optimizer, record_epoch = training.make_optimizer, training.record_epoch
+
+    def recording_optimizer(*args):
+        opt = make_optimizer(*args)
+        opt.register_step_pre_hook(lambda o, *_: step_lrs.append(o.param_groups[0]["lr"]))
+        return opt
+
+    def recording_epoch(state, row, model, optimizer):
+        improved = record_epoch(state, row, model, optimizer)
+        heads.append({k: v.clone() for k, v in model.head.state_dict().items()})
+        return improved
+
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in build_model(p.model, p.data.num_classes).head.state_dict().items()}
+    with mock.patch.object(training, "make_optimizer", side_effect=recording_optimizer), \
+            mock.patch.object(training, "record_epoch", side_effect=recording_epoch):
+        summary, rows, out = run(tmp, splits, p)
+    return {"params": p, "summary": summary, "rows": rows, "out": out, "heads": [initial] + heads,
+            "step_lrs": step_lrs}
+
+
+def independent_scores(params, head_state, split):
+    """(loss, mIoU, mDice, acc) of a head on a split: features -> head -> bilinear upsample -> argmax, the
+    confusion matrix counted with numpy, the class-weighted cross-entropy in float64."""
+    K, ignore = params.data.num_classes, params.data.ignore_index
+    model = build_model(params.model, K)
+    model.head.load_state_dict(head_state)
+    with torch.no_grad():
+        logits = F.interpolate(model.head(backbone_features(params, split)), size=split.masks.shape[1:],
+                               mode="bilinear", align_corners=False)
+    target = np.asarray(split.masks).astype(np.int64)
+    valid = target != ignore
+    log_p = torch.log_softmax(logits.double(), 1).permute(0, 2, 3, 1).numpy()[valid]  # [pixels, K]
+    t = target[valid]
+    w = np.linspace(0.5, 2.0, K)[t]  # the weights `run` passes
+    loss = float((w * -log_p[np.arange(len(t)), t]).sum() / w.sum())
+    pred = logits.argmax(1).numpy()[valid]
+    cm = np.bincount(t * K + pred, minlength=K * K).reshape(K, K).astype(float)
+    tp, gt, pr = np.diag(cm), cm.sum(1), cm.sum(0)
+    present = gt > 0
+    iou = (tp / (gt + pr - tp))[present].mean()
+    dice = (2 * tp / (gt + pr))[present].mean()
+    return loss, iou, dice, tp.sum() / cm.sum()
+
+
+FEATURES = {}
+
+
+def backbone_features(params, split):
+    """The frozen backbone's features of a whole split, computed once per split."""
+    key = id(split)
+    if key not in FEATURES:
+        with torch.no_grad():
+            model = build_model(params.model, params.data.num_classes)
+            FEATURES[key] = model.features(torch.from_numpy(np.array(split.images)))
+    return FEATURES[key]
+
+
+def row_scores(row, side):
+    return [float(row[f"{side}_{k}"]) for k in ("loss", "iou", "dice", "acc")]
+
+
+def test_recorded_run_stopped_early_after_its_best_epoch(recorded):
+    # the precondition of the checkpoint tests below: best and final are different epochs
+    s = recorded["summary"]
+    assert s["stopped_early"] and s["best_epoch"] < s["epochs_run"] == len(recorded["rows"])
+    val = [float(r["val_iou"]) for r in recorded["rows"]]
+    assert val[s["best_epoch"] - 1] > max(val[s["best_epoch"]:])
+
+
+@pytest.mark.parametrize("which", ["best", "final"])
+def test_saved_checkpoints_score_what_history_says_for_their_epoch(recorded, splits, which):
+    ckpt = torch.load(recorded["out"][which], weights_only=True)
+    s = recorded["summary"]
+    assert ckpt["epoch"] == (s["best_epoch"] if which == "best" else s["epochs_run"])
+    row = recorded["rows"][ckpt["epoch"] - 1]
+    got = independent_scores(recorded["params"], ckpt["head"], splits[1])
+    assert got == pytest.approx(row_scores(row, "val"), rel=1e-5, abs=2e-6)
+    assert ckpt["val_iou"] == pytest.approx(float(row["val_iou"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_history_row_equals_train_and_val_recomputed_outside_the_loop(recorded, splits, epoch):
+    heads, row = recorded["heads"], recorded["rows"][epoch - 1]
+    # one step per epoch: the train forward pass used the head as it was before the epoch
+    train = independent_scores(recorded["params"], heads[epoch - 1], splits[0])
+    val = independent_scores(recorded["params"], heads[epoch], splits[1])
+    assert train == pytest.approx(row_scores(row, "train"), rel=1e-5, abs=2e-6)
+    assert val == pytest.approx(row_scores(row, "val"), rel=1e-5, abs=2e-6)
+    assert abs(train[1] - val[1]) > 1e-3  # a swap of train and val would show
+
+
+def test_optimizer_steps_with_the_cosine_lr_of_their_epoch(recorded):
+    p, rows = recorded["params"], recorded["rows"]
+    epochs, lr, low = p.train.epochs, p.optimizer.lr, p.scheduler.min_lr
+    cosine = [low + (lr - low) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs + 1)]
+    assert recorded["step_lrs"] == pytest.approx(cosine[:len(rows)], rel=1e-12)  # one step per epoch
+    assert [float(r["lr"]) for r in rows] == pytest.approx(cosine[1:len(rows) + 1], rel=1e-5)  # the report's column
+
+
+
+def test_fingerprint_covers_class_weights_and_every_code_file(tmp_path, splits, monkeypatch):
+    import shutil
+    import offroad.training as training
+    from offroad.codebase import import_closure
+    p = tiny_params()
+    w = torch.linspace(0.5, 2.0, 10)
+    base = fingerprint(p, *splits, w)
+    assert fingerprint(p, *splits, w.clone()) == base
+    assert fingerprint(p, *splits, w * 2) != base
+    assert fingerprint(p, *splits, None) != base
+    files = import_closure(training.TRAIN_ENTRY)
+    assert {"offroad/training.py", "offroad/losses.py", "offroad/segmenter.py"} <= {str(f) for f in files}
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(training.ROOT / f, tmp_path / f)
+    monkeypatch.setattr(training, "ROOT", tmp_path)
+    assert fingerprint(p, *splits, w) == base
+    for f in files:
+        original = (tmp_path / f).read_bytes()
+        (tmp_path / f).write_bytes(original + b"\n# changed\n")
+        assert fingerprint(p, *splits, w) != base, f
+        (tmp_path / f).write_bytes(original)
