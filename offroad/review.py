@@ -120,7 +120,7 @@ def missing_note(side: Side) -> str:
             f"against noise. To produce it, {produce}.")
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
@@ -140,7 +140,7 @@ def _change(old: Any, new: Any) -> str:
     return f"{new - old:+.4f}".rstrip("0").rstrip(".") if _number(old) and _number(new) else ""
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     return [f"| {' | '.join(header)} |", f"|{'|'.join('---' for _ in header)}|",
             *(f"| {' | '.join(escape(c) for c in r)} |" for r in rows)]
@@ -150,8 +150,8 @@ def params_section(old: Side, new: Side) -> list[str]:
     keys = sorted(k for k in old.params.keys() | new.params.keys() if old.params.get(k) != new.params.get(k))
     if not keys:
         return ["### Params", "", "No param changed."]
-    rows = [[f"`{k}`", _fmt(old.params.get(k, "—")), _fmt(new.params.get(k, "—"))] for k in keys]
-    return ["### Params that changed", "", *_table(["param", old.rev, new.rev], rows)]
+    rows = [[f"`{k}`", fmt(old.params.get(k, "—")), fmt(new.params.get(k, "—"))] for k in keys]
+    return ["### Params that changed", "", *md_table(["param", old.rev, new.rev], rows)]
 
 
 def metrics_section(old: Side, new: Side, resamples: int, seed: int) -> list[str]:
@@ -182,12 +182,12 @@ def metrics_section(old: Side, new: Side, resamples: int, seed: int) -> list[str
         a, b = old.metrics.get(k, "—"), new.metrics.get(k, "—")
         if k in tested:
             t = tested[k]
-            rows.append([f"**{k}**", _fmt(a), _fmt(b), _change(a, b), f"[{t['low']:+.4f}, {t['high']:+.4f}]",
+            rows.append([f"**{k}**", fmt(a), fmt(b), _change(a, b), f"[{t['low']:+.4f}, {t['high']:+.4f}]",
                          f"**{t['verdict']}**"])
         else:
-            rows.append([k, _fmt(a), _fmt(b), _change(a, b), "", ""])
+            rows.append([k, fmt(a), fmt(b), _change(a, b), "", ""])
     header = ["metric", old.rev, new.rev, "change", "95 % interval of the change", "verdict"]
-    return ["### Metrics", "", *_table(header, rows), "", *notes]
+    return ["### Metrics", "", *md_table(header, rows), "", *notes]
 
 
 def per_class_section(old: Side, new: Side) -> list[str]:
@@ -195,9 +195,9 @@ def per_class_section(old: Side, new: Side) -> list[str]:
     rows = []
     for name in names:
         a, b = (side.per_class.get(name, {}).get("iou") for side in (old, new))
-        rows.append([name, _fmt(a) if a is not None else "—", _fmt(b) if b is not None else "—",
+        rows.append([name, fmt(a) if a is not None else "—", fmt(b) if b is not None else "—",
                      _change(a, b) if a is not None and b is not None else ""])
-    return ["### Per-class IoU", "", *_table(["class", old.rev, new.rev, "change"], rows)]
+    return ["### Per-class IoU", "", *md_table(["class", old.rev, new.rev, "change"], rows)]
 
 
 def figures_section(old: Side, new: Side, out: Path | None) -> list[str]:
@@ -216,7 +216,7 @@ def figures_section(old: Side, new: Side, out: Path | None) -> list[str]:
             links.setdefault(name, {})[role] = f"[{side.rev}]({folder.relative_to(out.parent).as_posix()}/{name})"
     rows = [[name, links[name].get("old", "—"), links[name].get("new", "—")] for name in sorted(links)]
     side_by_side = f"Side by side, with the curves: `dvc plots diff {old.rev} {new.rev}` (dvc_plots/index.html)."
-    return ["### Figures", "", *(_table(["figure", old.rev, new.rev], rows) if rows else ["No figures."]), "",
+    return ["### Figures", "", *(md_table(["figure", old.rev, new.rev], rows) if rows else ["No figures."]), "",
             side_by_side]
 
 

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offroad import codebase
+from offroad import ablation, codebase
 from offroad.config import load_params, validate
+from tests.test_review import rows as table_rows
 from tests.conftest import REPO, TINY, copy_repo, git, run_dvc, with_overrides, write_params
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = list(DVC_YAML["stages"])
 PHASE1_ARGS = REPO / "experiments/phase1.args"
+ABLATIONS = ("no-adamw", "no-augment")
 # TINY data, 2 epochs, 2 example images: the whole pipeline in seconds.
 TINY_RUN = {**TINY, "train.epochs": 2, "train.batch_size": 2, "train.num_workers": 0, "evaluate.examples": 2,
             "prepare.workers": 1}
@@ -206,10 +208,14 @@ def test_exp_run_with_a_new_lr_reruns_only_train_evaluate_plot(dvc_repo):
 
 @pytest.fixture(scope="module")
 def phases(dvc_repo) -> tuple[Path, str]:
-    """Phase 1 (the overrides file) and Phase 2 (params.yaml) queued as named experiments, then run."""
+    """Phase 1 (the overrides file), Phase 2 (params.yaml) and two ablations (README: each a Phase 2 part
+    reverted) queued as named experiments, then run."""
     repo, _ = dvc_repo
     run_dvc(repo, "exp", "run", "--queue", "-n", "phase1", *PHASE1_ARGS.read_text().split())
     run_dvc(repo, "exp", "run", "--queue", "-n", "phase2")
+    for part in ABLATIONS:
+        args = (REPO / f"experiments/ablation/{part.removeprefix('no-')}.args").read_text().split()
+        run_dvc(repo, "exp", "run", "--queue", "-n", part, *args)
     assert git(repo, "status", "--porcelain") == ""  # queueing leaves the workspace alone
     return repo, run_dvc(repo, "exp", "run", "--run-all").stdout
 
@@ -225,6 +231,27 @@ def test_queued_phase1_and_phase2_both_run(phases):
     assert phase1 == validate(with_overrides({**TINY_RUN, **phase1_overrides()}), "expected")
     rows = history(exp_file(repo, "phase1", "plots/train/history.csv"))
     assert len(rows) == 10 and {float(row["lr"]) for row in rows} == {1e-4}
+
+
+def test_ablation_table_from_queued_experiments(phases, tmp_path, monkeypatch):
+    repo, _ = phases
+    miou = {name: json.loads(exp_file(repo, name, "metrics/evaluate.json"))["miou"]
+            for name in ("phase1", "phase2", *ABLATIONS)}
+    assert miou["phase2"] == json.loads((repo / "metrics/evaluate.json").read_text())["miou"]
+    monkeypatch.chdir(repo)
+    ablation.main(["--full", "HEAD", "--base", "phase1", "--parts", *ABLATIONS, "--out", str(tmp_path / "t.md")])
+    text = (tmp_path / "t.md").read_text()
+    gain = miou["phase2"] - miou["phase1"]
+    assert float(re.search(r"gain ([-+.\d]+) \[", text)[1]) == pytest.approx(gain, abs=1.5e-4)
+    table = {name: cells for name, cells in table_rows(text).items() if name.startswith("no-")}
+    assert list(table) == list(ABLATIONS)
+    assert table["no-adamw"][0] == "optimizer.lr=0.0001, optimizer.name=sgd, optimizer.weight_decay=0"
+    assert table["no-augment"][0] == "augment.enabled=False"
+    for part in ABLATIONS:
+        share = re.fullmatch(r"(-?\d+) % \[(-?\d+), (-?\d+)\]", table[part][3])
+        assert share, table[part]
+        assert abs(int(share[1]) - 100 * (miou["phase2"] - miou[part]) / gain) <= 0.51
+        assert float(table[part][2].split()[0]) == pytest.approx(miou["phase2"] - miou[part], abs=1e-4)
 
 
 def test_metrics_and_params_diff_between_phase1_and_phase2(phases):
