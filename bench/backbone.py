@@ -2,12 +2,14 @@
 
     python -m bench.backbone [--backbone dinov2_vits14] [--size 266 476] [--batches 1 8] [--repeats 3]
 
-Prints images/s of the frozen backbone forward (fp32 and bf16 autocast) beside the same run's 2048x2048
-matmul GFLOP/s, the exact matmul FLOPs of one forward, the bf16-vs-fp32 output difference and peak RSS.
+Prints images/s of the frozen backbone forward (fp32; bf16 autocast with fp32 weights, and with the weights kept
+in bf16 as the stages run it) beside the same run's 2048x2048 matmul GFLOP/s, the exact matmul FLOPs of one
+forward, the bf16-vs-fp32 output difference and peak RSS.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import time
 from typing import Callable
@@ -86,16 +88,21 @@ def main() -> None:
     peak = {name: matmul_gflops(dtype) for name, dtype in DTYPES.items()}
     print("2048x2048 matmul: " + ", ".join(f"{name} {g:.0f} GFLOP/s" for name, g in peak.items()))
 
-    def forward(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            return model(x)
+    kept = copy.deepcopy(model)
+    kept.keep_weights_in(torch.bfloat16)  # as the stages run it under bf16 amp (segmenter.place)
 
-    for name, dtype in DTYPES.items():
+    def forward(x: torch.Tensor, dtype: torch.dtype, net: DinoVisionTransformer = model) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return net(x)
+
+    variants = [("fp32", "fp32", model), ("bf16", "bf16 autocast, fp32 weights cast per call", model),
+                ("bf16", "bf16 autocast, weights kept in bf16 (the stages)", kept)]
+    for name, label, net in variants:
         for batch in args.batches:
             x = torch.randn(batch, 3, h, w)
-            seconds = best_seconds(lambda: forward(x, dtype), args.repeats)
+            seconds = best_seconds(lambda: forward(x, DTYPES[name], net), args.repeats)
             achieved = flops * batch / seconds / 1e9
-            print(f"{name} batch {batch}: {batch / seconds:6.2f} img/s, {achieved:5.0f} GFLOP/s "
+            print(f"{label} batch {batch}: {batch / seconds:6.2f} img/s, {achieved:5.0f} GFLOP/s "
                   f"= {achieved / peak[name]:4.0%} of the {name} matmul peak")
     tokens = 1 + model.num_registers + (h // model.patch_size) * (w // model.patch_size)
     batch = args.batches[-1]

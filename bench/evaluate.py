@@ -20,7 +20,7 @@ from offroad.config import load_params
 from offroad.evaluation import evaluate, image_features
 from offroad.losses import build_loss
 from offroad.runtime import Run, configure_cpu, resolve_device
-from offroad.segmenter import build_model
+from offroad.segmenter import build_model, place
 
 
 def main() -> None:
@@ -39,10 +39,9 @@ def main() -> None:
     split = PreparedSplit(rng.integers(0, 256, (args.images, h, w, 3), dtype=np.uint8),
                           rng.integers(0, data.num_classes, (args.images, h, w), dtype=np.uint8),
                           [f"{i}" for i in range(args.images)])
-    segmenter = build_model(params.model, data.num_classes).to(device)
-    loss_fn = build_loss(params.loss, torch.ones(data.num_classes, device=device), data.ignore_index)
-
     run_ = Run(device, amp, data.num_classes, data.ignore_index)
+    segmenter = place(build_model(params.model, data.num_classes), run_)
+    loss_fn = build_loss(params.loss, torch.ones(data.num_classes, device=device), data.ignore_index)
 
     def run(s: PreparedSplit) -> None:
         evaluate(segmenter, image_features(segmenter, s.images, run_), s.masks, np.arange(len(s)), batch, loss_fn,

@@ -24,8 +24,8 @@ from bench.backbone import best_seconds, matmul_gflops
 from bench.train_step import with_changes
 from offroad.config import Params, load_params
 from offroad.losses import build_loss
-from offroad.runtime import autocast, configure_cpu, resolve_device
-from offroad.segmenter import build_model
+from offroad.runtime import Run, autocast, configure_cpu, resolve_device
+from offroad.segmenter import build_model, place
 from offroad.training import make_optimizer
 
 RECIPES = {"phase2": None, "phase2-multiscale": "experiments/phase2_multiscale.args",
@@ -42,7 +42,7 @@ def overrides(path: str | None) -> dict:
 def rates(params: Params, device: torch.device, steps: int) -> dict[str, float]:
     """Images/s of a train step, of the backbone alone and of the head alone (inference), at the train batch."""
     torch.manual_seed(0)
-    model = build_model(params.model, params.data.num_classes).to(device)
+    model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, device))
     w, h = params.data.image_size
     b, K = params.train.batch_size, params.data.num_classes
     images = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, device=device)

@@ -30,7 +30,7 @@ from offroad.augment import build_augment
 from offroad.config import Params, load_params, validate
 from offroad.data import SegmentationDataset
 from offroad.runtime import Run, autocast, configure_cpu, resolve_device
-from offroad.segmenter import build_model
+from offroad.segmenter import build_model, place
 from offroad.training import Outputs, fit
 
 
@@ -58,7 +58,8 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     """Train images/s of fit's epochs after the first (each includes its val pass and checkpoint writes),
     and the share of that time spent in the backbone (Segmenter.features, timed in place)."""
     torch.manual_seed(params.train.seed)
-    model = build_model(params.model, params.data.num_classes).to(device)
+    run = Run.from_params(params, device)
+    model = place(build_model(params.model, params.data.num_classes), run)
     features, backbone = model.features, [0.0]
 
     def timed_features(images: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,6 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     model.features = timed_features
     K = params.data.num_classes
     weights = torch.ones(K) if params.loss.class_weighted else None
-    run = Run.from_params(params, device)
     stamps = [(time.perf_counter(), 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Outputs(*(Path(tmp) / f"{k}.pt" for k in ("best", "final", "last")), Path(tmp) / "h.csv")
@@ -83,7 +83,7 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
 
 def backbone_rate(params: Params, device: torch.device, repeats: int = 5) -> float:
     """Images/s of Segmenter.features alone (uint8 in, feature map out) at the train batch size."""
-    model = build_model(params.model, params.data.num_classes).to(device)
+    model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, device))
     w, h = params.data.image_size
     images = torch.randint(0, 256, (params.train.batch_size, h, w, 3), dtype=torch.uint8, device=device)
 

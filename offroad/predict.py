@@ -22,8 +22,8 @@ from offroad.data import class_lut, map_mask, resize_labels
 from offroad.errors import PipelineError, run_cli
 from offroad.metrics import confusion_matrix, format_summary, rounded, summarize
 from offroad.raw import MASKS, read_image, read_mask
-from offroad.runtime import AMP_DTYPES, autocast, configure_cpu, resolve_device
-from offroad.segmenter import Segmenter, load_segmenter, predicted_labels
+from offroad.runtime import Run, autocast, configure_cpu, resolve_device
+from offroad.segmenter import Segmenter, load_segmenter, place, predicted_labels
 from offroad.visualize import colorize, overlay
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -110,14 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     check_out(args.out, [args.images, *([masks_dir] if masks_dir else [])])
     device = resolve_device(params.train.device)
     checkpoint = args.checkpoint or artifacts.CHECKPOINTS[params.train.checkpoint]
-    segmenter, _ = load_segmenter(checkpoint, params.model, names, device)
+    run = Run.from_params(params, device)
+    segmenter = place(load_segmenter(checkpoint, params.model, names, device)[0], run)
 
     lut = class_lut(data)
     cm = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
     for i, path in enumerate(tqdm(images, desc="predict", unit="img", disable=None)):
         image = read_image(path)
-        pred = segment(segmenter, image, tuple(data.image_size), device, params.train.amp,
-                       AMP_DTYPES[params.train.amp_dtype])
+        pred = segment(segmenter, image, tuple(data.image_size), device, run.amp, run.amp_dtype)
         write_png(args.out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))
         side_by_side = np.hstack([image, overlay(image, pred, data.num_classes)])
         write_png(args.out / "overlays" / f"{path.stem}.png", side_by_side)

@@ -12,7 +12,7 @@ from offroad.artifacts import read_torch
 from offroad.config import PATCH, Model, Params
 from offroad.errors import PipelineError
 from offroad.heads import ConvNeXtHead, MultiScaleHead
-from offroad.runtime import choose_attention
+from offroad.runtime import Run, choose_attention
 from offroad.vit import DinoVisionTransformer, build_backbone, load_backbone_weights, preprocess
 
 
@@ -74,6 +74,15 @@ def build_model(model: Model, num_classes: int) -> Segmenter:
     # channels-last convolutions: a bf16 train step of either head at batch 2 is ~10 % faster on the CPU
     # (inference ~27 %), and it is the layout bf16 convolutions want on GPUs
     return Segmenter(backbone, head.to(memory_format=torch.channels_last), layers)
+
+
+def place(segmenter: Segmenter, run: Run) -> Segmenter:
+    """The model on the run's device; under amp with its backbone's matmul weights kept in the autocast dtype
+    (DinoVisionTransformer.keep_weights_in: the same features; backbone +15 % at batch 2 on an Intel Xeon)."""
+    segmenter = segmenter.to(run.device)
+    if run.amp:
+        segmenter.backbone.keep_weights_in(run.amp_dtype)
+    return segmenter
 
 
 def head_checkpoint(segmenter: Segmenter, params: Params, epoch: int, val_iou: float | None) -> dict[str, Any]:

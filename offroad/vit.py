@@ -122,6 +122,15 @@ class DinoVisionTransformer(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def keep_weights_in(self, dtype: torch.dtype) -> None:
+        """Store the Linear and patch-embedding weights in `dtype`, for a frozen backbone run under autocast to
+        that dtype. Autocast casts weights that need no grad anew on every call (its cast cache keeps only
+        weights that need grad); stored copies give bitwise the same result without those casts. Norms,
+        LayerScale and the embeddings stay fp32, as autocast runs them."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.to(dtype)
+
     def set_attention(self, kernel: str) -> None:
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel {kernel!r} is not one of {ATTENTION_KERNELS}")

@@ -10,7 +10,7 @@ from offroad.evaluation import evaluate, image_features
 from offroad.losses import build_loss
 from offroad.metrics import format_summary, history_table, rounded, sort_by_iou, summarize
 from offroad.runtime import Run, configure_cpu, resolve_device
-from offroad.segmenter import load_segmenter
+from offroad.segmenter import load_segmenter, place
 
 
 def main() -> None:
@@ -22,6 +22,7 @@ def main() -> None:
                              artifacts.EXAMPLES)
     checkpoint = artifacts.CHECKPOINTS[params.train.checkpoint]
     model, ckpt = load_segmenter(checkpoint, params.model, data.class_names, run.device)
+    model = place(model, run)
     split = artifacts.load_split(artifacts.PREPARED, cfg.split, data)
     artifacts.label_counts(split.masks, artifacts.PREPARED / cfg.split, data, "there is nothing to score")
     if cfg.split == "train":

@@ -13,7 +13,7 @@ from offroad import artifacts, launch
 from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.runtime import Run, choose_attention, configure_cpu, init_distributed, resolve_device
-from offroad.segmenter import build_model
+from offroad.segmenter import build_model, place
 from offroad.training import fit, warn_about_weights
 
 
@@ -37,12 +37,12 @@ def main() -> None:
     if dist.world == 1:  # under a launcher, the launcher warned
         warn_about_weights(data.root, params.model.weights)
 
+    run = Run.from_params(params, device, dist)
     torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
-    model = build_model(params.model, data.num_classes).to(device)
+    model = place(build_model(params.model, data.num_classes), run)
     head = torch.compile(model.head) if params.train.compile else model.head
     if dist.world > 1:
         head = torch.nn.parallel.DistributedDataParallel(head)
-    run = Run.from_params(params, device, dist)
 
     log = print if dist.main else (lambda _: None)
     log(f"train: {len(train)} train / {len(val)} val images, device {device}, world {dist.world}, "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from offroad.runtime import Run
-from offroad.segmenter import build_model
+from offroad.segmenter import build_model, place
 from offroad.training import Outputs, fit
 from tests.conftest import TINY, make_params
 
@@ -48,3 +48,25 @@ def test_fp16_training_scales_the_loss_and_tracks_fp32(tmp_path, tiny_dataset):
         for key in ("train_loss", "val_loss", "val_acc"):
             assert float(b[key]) == pytest.approx(float(a[key]), abs=0.02)
 
+
+
+@pytest.mark.parametrize("amp_dtype", ["bf16", "fp16"])
+def test_backbone_weights_kept_in_the_autocast_dtype_give_the_same_features(amp_dtype):
+    params = make_params({**TRAIN, "train.amp": True, "train.amp_dtype": amp_dtype, "model.backbone": "dinov2_vits14_reg"})
+    run = Run.from_params(params, torch.device("cpu"))
+    torch.manual_seed(0)
+    plain = build_model(params.model, params.data.num_classes)
+    kept = place(build_model(params.model, params.data.num_classes), run)
+    images = torch.randint(0, 256, (2, 56, 112, 3), dtype=torch.uint8)
+    with run.autocast():
+        assert torch.equal(kept.features(images), plain.features(images))
+    linear = kept.backbone.blocks[0].attn.qkv
+    assert (linear.weight.dtype, linear.bias.dtype, kept.backbone.patch_embed.proj.weight.dtype) == (run.amp_dtype,) * 3
+    assert kept.backbone.norm.weight.dtype == kept.backbone.pos_embed.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in kept.head.parameters())  # the trained part stays fp32
+
+
+def test_fp32_runs_keep_fp32_weights():
+    params = make_params({**TRAIN, "train.amp": False})
+    model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, torch.device("cpu")))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
