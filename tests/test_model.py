@@ -260,8 +260,20 @@ def test_intermediate_layers():
     torch.testing.assert_close(layers[-1], final, rtol=0, atol=0)
     torch.testing.assert_close(layers[0], model.norm(raw[0]), rtol=0, atol=0)
     assert not torch.allclose(layers[0], layers[1])
-    with pytest.raises(ValueError, match="between 1 and the depth 12"):
-        model.get_intermediate_layers(x, 13)
+    for n in (0, 13):
+        with pytest.raises(ValueError, match="between 1 and the depth 12"):
+            model.get_intermediate_layers(x, n)
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg"])
+def test_intermediate_layers_from_one_to_every_block_end_at_the_forward(name):
+    model = build_backbone(name).eval()
+    x = torch.randn(1, 3, 28, 42)
+    with torch.no_grad():
+        one, every, final = model.get_intermediate_layers(x, 1), model.get_intermediate_layers(x, 12), model(x)
+    assert len(one) == 1 and len(every) == 12 and all(t.shape == (1, 6, 384) for t in every)
+    torch.testing.assert_close(one[0], final, rtol=0, atol=0)
+    torch.testing.assert_close(every[-1], final, rtol=0, atol=0)
 
 
 def test_preprocess_normalises_channels_first():
@@ -368,6 +380,44 @@ def test_load_segmenter_refuses_other_models(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="junk.pt: not a readable checkpoint"):
         load_segmenter(tmp_path / "junk.pt", small.model, names, "cpu")
+
+
+def test_load_segmenter_names_what_is_wrong_with_a_checkpoint(tmp_path):
+    params = load_params(REPO_PARAMS)
+    names = params.data.class_names
+    small = params.model.model_copy(update={"head_channels": 8})
+    ckpt = head_checkpoint(build_model(small, len(names)), params.model_copy(update={"model": small}), 1, None)
+    minimal = {k: ckpt[k] for k in ("head", "params", "class_names", "epoch")}  # the keys a checkpoint needs
+    save_torch(tmp_path / "minimal.pt", minimal)
+    assert load_segmenter(tmp_path / "minimal.pt", small, names, "cpu")[1]["epoch"] == 1
+    for broken in ({k: v for k, v in minimal.items() if k != "epoch"}, [minimal]):
+        save_torch(tmp_path / "broken.pt", broken)
+        with pytest.raises(PipelineError, match=r"broken.pt: not a head checkpoint \(needs 'head', 'params'"):
+            load_segmenter(tmp_path / "broken.pt", small, names, "cpu")
+    for bad_params in ({}, "junk"):  # no model section, or no params mapping: every architecture key differs
+        save_torch(tmp_path / "other.pt", {**minimal, "params": bad_params})
+        with pytest.raises(PipelineError, match=r"other.pt was trained with a different model \(model.backbone: "
+                                                r"checkpoint None, params.yaml 'dinov2_vits14'; model.weights"):
+            load_segmenter(tmp_path / "other.pt", small, names, "cpu")
+    wider = build_model(params.model, len(names))  # the checkpoint claims head_channels 8, holds 128
+    save_torch(tmp_path / "lying.pt", {**minimal, "head": wider.head.state_dict()})
+    with pytest.raises(PipelineError, match=r"lying.pt: head weights do not fit \(Error\(s\) in loading"):
+        load_segmenter(tmp_path / "lying.pt", small, names, "cpu")
+
+
+def test_a_multiscale_checkpoint_needs_the_same_layers(tmp_path):
+    params = load_params(REPO_PARAMS)
+    multi = params.model.model_copy(update={"head": "multiscale", "layers": 4, "head_channels": 8})
+    names = params.data.class_names
+    ckpt = head_checkpoint(build_model(multi, len(names)), params.model_copy(update={"model": multi}), 1, None)
+    save_torch(tmp_path / "multi.pt", ckpt)
+    with pytest.raises(PipelineError, match=r"model.layers: checkpoint 4, params.yaml 2"):
+        load_segmenter(tmp_path / "multi.pt", multi.model_copy(update={"layers": 2}), names, "cpu")
+    # a ConvNeXt head reads the last block only: model.layers does not matter to it
+    convnext = params.model.model_copy(update={"head_channels": 8})
+    save_torch(tmp_path / "convnext.pt", head_checkpoint(build_model(convnext, len(names)),
+                                                         params.model_copy(update={"model": convnext}), 1, None))
+    load_segmenter(tmp_path / "convnext.pt", convnext.model_copy(update={"layers": 2}), names, "cpu")
 
 
 # --- bad weights -----------------------------------------------------------------------------------------------
@@ -536,5 +586,6 @@ def test_multiscale_head_matches_a_float64_reference():
         c = convnext_block_reference(pooled, sd, f"context.{i}.1", 8)
         context = context + F.interpolate(c, size=(5, 7), mode="bilinear", align_corners=False)
     expected = conv(y + convnext_block_reference(y, sd, "local", 8) + context, sd, "classifier")
+    assert expected.shape == (2, 5, 5, 7) and head.classifier.weight.shape == (5, 8, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(head(x).double(), expected, rtol=1e-4, atol=1e-5)

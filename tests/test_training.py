@@ -14,7 +14,7 @@ from offroad.augment import build_augment
 from offroad.losses import build_loss
 from offroad.runtime import Dist, Run
 from offroad.segmenter import build_model
-from offroad.training import Outputs, TrainingError, epoch_batches, fingerprint, fit, lr_at
+from offroad.training import Outputs, State, TrainingError, epoch_batches, fingerprint, fit, lr_at, record_epoch
 from tests.conftest import TINY, make_params
 
 TRAIN = {"train.epochs": 3, "train.batch_size": 4, "train.num_workers": 0, "train.device": "cpu"}
@@ -326,3 +326,24 @@ def test_fingerprint_covers_class_weights_and_every_code_file(tmp_path, splits, 
         (tmp_path / f).write_bytes(original + b"\n# changed\n")
         assert fingerprint(p, *splits, w) != base, f
         (tmp_path / f).write_bytes(original)
+
+
+def test_a_tie_keeps_the_earlier_best_and_the_state_holds_the_optimizer():
+    params = make_params({**TINY, "model.head_channels": 8})
+    model = build_model(params.model, params.data.num_classes)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    model.head(torch.randn(1, 384, 2, 3)).sum().backward()
+    optimizer.step()  # AdamW state (step, moments) now exists
+    state = State("fp")
+    for epoch, iou in ((1, 0.3), (2, 0.5), (3, 0.5), (4, 0.4)):
+        with torch.no_grad():
+            next(model.head.parameters()).add_(1.0)  # a different head every epoch
+        improved = record_epoch(state, {"epoch": epoch, "val_iou": iou}, model, optimizer)
+        assert improved == (epoch in (1, 2))
+        if epoch == 2:
+            best = {k: v.clone() for k, v in model.head.state_dict().items()}
+    assert (state.best_epoch, state.best_val_iou, state.epoch) == (2, 0.5, 4)
+    assert all(torch.equal(state.best_head[k], v) for k, v in best.items())
+    saved = state.optimizer
+    assert saved["state"] and all(torch.equal(saved["state"][i]["exp_avg"], optimizer.state_dict()["state"][i]["exp_avg"])
+                                  for i in saved["state"])
