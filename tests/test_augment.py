@@ -43,3 +43,29 @@ def test_transforms_draw_their_coin_flips_independently():
     # independent: P(h and v) = P(h) P(v); the same seed for both would make it P(h) (all or nothing)
     assert abs(both - h * v) < 0.06
     assert flips(augment, 3) == flips(augment, 3)  # a seed fixes the draw
+
+
+def block_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask == 1)
+    return rows.min(), rows.max(), cols.min(), cols.max()
+
+
+def test_affine_shift_moves_and_scale_resizes_within_their_ranges():
+    image = np.full((100, 200, 3), 200, np.uint8)
+    mask = np.zeros((100, 200), np.uint8)
+    mask[40:60, 80:120] = 1  # a 20 x 40 block in the centre
+    shift = augmenter(**{"augment.affine.p": 1.0, "augment.affine.rotate": 0.0, "augment.affine.scale": 0.0,
+                         "augment.affine.shift": 0.1})
+    scale = augmenter(**{"augment.affine.p": 1.0, "augment.affine.rotate": 0.0, "augment.affine.scale": 0.3,
+                         "augment.affine.shift": 0.0})
+    moved, sizes = set(), set()
+    for seed in range(12):
+        top, bottom, left, right = block_box(shift(image, mask, seed)[1])
+        assert (bottom - top, right - left) == (19, 39)  # shifted, never resized
+        assert abs(top - 40) <= 10 and abs(left - 80) <= 20  # at most 10 % of each side
+        moved.add((top, left))
+        top, bottom, left, right = block_box(scale(image, mask, seed)[1])
+        height = bottom - top + 1
+        assert 0.7 * 20 - 1 <= height <= 1.3 * 20 + 1 and abs((top + bottom) / 2 - 49.5) <= 1  # about the centre
+        sizes.add(height)
+    assert len(moved) > 6 and len(sizes) > 4

@@ -108,6 +108,7 @@ def test_best_checkpoint_is_the_highest_val_iou_and_final_the_last(tmp_path, spl
     best, final = (torch.load(out[k], weights_only=True) for k in ("best", "final"))
     assert best["epoch"] == summary["best_epoch"] == 1 + int(np.argmax(val))
     assert best["val_iou"] == pytest.approx(max(val)) and final["epoch"] == 4
+    assert final["val_iou"] == pytest.approx(val[-1]) and val[-1] != val[-2]
     assert best["class_names"] == tiny_params().data.class_names
 
 
