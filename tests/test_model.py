@@ -2,9 +2,11 @@
 import io
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -510,6 +512,38 @@ def test_dinov2_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in str(err.value)
     assert f"place it at {target}" in str(err.value)
     assert "name resolution" in str(err.value)
+
+
+def test_dinov2_downloads_each_file_once_into_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    fetched = []
+
+    def download(url, dst, *args, **kwargs):
+        fetched.append((url, dst))
+        registers = 4 if "_reg4" in url else 0
+        torch.save(random_state_dict(official_shapes(384, 12, registers=registers), seed=len(fetched)), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for name in ("dinov2_vits14_reg", "dinov2_vits14", "dinov2_vits14"):  # the second finds the folder made
+        load_backbone_weights(build_backbone(name), "dinov2", name)
+    cache = tmp_path / "hub" / "checkpoints"
+    assert fetched == [(f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/{f}", str(cache / f))
+                       for f in ("dinov2_vits14_reg4_pretrain.pth", "dinov2_vits14_pretrain.pth")]
+
+
+def test_a_long_list_of_mismatched_keys_is_cut_after_five(tmp_path):
+    state = random_state_dict(official_shapes(384, 12))
+    missing = sorted(k for k in state if k.startswith("blocks.11."))[:7]
+    for k in missing:
+        del state[k]
+    state["head.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError) as err:
+        load_backbone_weights(build_backbone("dinov2_vits14"), str(tmp_path / "bad.pth"), "dinov2_vits14")
+    msg = str(err.value)
+    listed = re.search(r"missing keys: (.*?) \(\+2 more\)", msg)[1].split(", ")
+    assert len(listed) == 5 and set(listed) < set(missing)
+    assert "unexpected keys: head.weight" in msg and "head.weight (" not in msg
 
 
 def test_dinov2_uses_the_hub_cache(tmp_path, monkeypatch):
