@@ -51,7 +51,10 @@ def common_images(sides: list[review.Side]) -> list[np.ndarray]:
 
 
 def _interval(point: float, samples: np.ndarray) -> tuple[float, float, float]:
-    low, high = np.nanquantile(samples, [(1 - bootstrap.LEVEL) / 2, (1 + bootstrap.LEVEL) / 2])
+    samples = samples[np.isfinite(samples)]  # a resample without any gain has no share
+    if len(samples) == 0:
+        return point, float("nan"), float("nan")
+    low, high = np.quantile(samples, [(1 - bootstrap.LEVEL) / 2, (1 + bootstrap.LEVEL) / 2])
     return point, float(low), float(high)
 
 
@@ -79,8 +82,10 @@ def table(full: review.Side, base: review.Side, parts: list[review.Side], score:
 
 
 def _pct(value: tuple[float, float, float]) -> str:
-    point, low, high = (100 * v for v in value)
-    return f"{point:.0f} % [{low:.0f}, {high:.0f}]"
+    if any(np.isnan(value)):
+        return "—"  # no gain to share
+    point, low, high = (round(100 * v) for v in value)  # ints: no "-0"
+    return f"{point} % [{low}, {high}]"
 
 
 def verdict(lost: tuple[float, float, float]) -> str:

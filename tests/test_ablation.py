@@ -75,3 +75,11 @@ def test_a_run_without_per_image_data_is_named():
 def test_default_parts_are_the_experiment_files():
     assert ablation.default_parts() == ["no-adamw", "no-amp", "no-augment", "no-class_weights", "no-epochs",
                                         "no-schedule", "no-selection"]
+
+
+def test_without_a_gain_there_is_no_share():
+    same = np.zeros(N)
+    full, base, part = run("phase2", 0.7, same), run("phase1", 0.7, same), run("no-adamw", 0.6, same)
+    rows, whole = ablation.table(full, base, [part])
+    text = ablation.markdown(rows, whole, "phase2", "phase1", "miou", 1000, 0)
+    assert rows_of(text)["no-adamw"][3] == "—" and "The gain itself is within noise" in text
