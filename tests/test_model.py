@@ -603,6 +603,7 @@ def test_convnext_head_matches_a_float64_reference():
     sd = {k: v.double() for k, v in head.state_dict().items()}
     y = gelu(conv(x.double(), sd, "stem.0", padding=3))
     expected = conv(convnext_block_reference(y, sd, "block", 8), sd, "classifier")
+    assert expected.shape == (2, 5, 4, 6) and head.stem[0].weight.shape == (8, 12, 7, 7)  # the token grid kept
     with torch.no_grad():
         torch.testing.assert_close(head(x).double(), expected, rtol=1e-4, atol=1e-5)
 

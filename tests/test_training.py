@@ -354,6 +354,6 @@ def test_a_process_left_without_images_in_the_last_batch_runs_image_0_uncounted(
     shares = [epoch_batches(5, 2, seed=0, epoch=3, dist=Dist(rank, 2)) for rank in (0, 1)]
     assert [counted for _, counted in shares[0]] == [True] * 3
     assert [counted for _, counted in shares[1]] == [True, True, False]
-    assert shares[1][-1][0].tolist() == [0]
+    assert shares[1][-1][0].tolist() == [0] and shares[1][-1][0].dtype == np.int64  # an index array
     counted = [i for share in shares for batch, ok in share if ok for i in batch.tolist()]
     assert sorted(counted) == list(range(5))
