@@ -50,5 +50,17 @@ def test_set_attention_reaches_every_block():
     vit = build_backbone("dinov2_vits14")
     vit.set_attention("matmul")
     assert {block.attn.kernel for block in vit.blocks} == {"matmul"}
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ValueError, match="attention kernel 'flash' is not one of"):
         vit.set_attention("flash")
+
+
+@pytest.mark.parametrize("kernel, sdpa_calls", [("sdpa", 12), ("matmul", 0)])
+def test_the_chosen_kernel_is_the_one_that_runs(kernel, sdpa_calls, monkeypatch):
+    # metrics/train.json records the choice: the bf16 forward must run that kernel, in every block
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    vit = build_backbone("dinov2_vits14").eval()
+    vit.set_attention(kernel)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        vit(torch.randn(1, 3, 28, 42))
+    assert len(calls) == sdpa_calls

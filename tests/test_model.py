@@ -286,6 +286,28 @@ def test_preprocess_normalises_channels_first():
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), -MEAN / STD, rtol=1e-6)
 
 
+def test_image_sides_must_be_multiples_of_the_patch():
+    model = build_backbone("dinov2_vits14")
+    for h, w in ((28, 43), (29, 42)):
+        with pytest.raises(ValueError, match=f"image size {h}x{w} is not a multiple of the patch size 14"):
+            model(torch.randn(1, 3, h, w))
+
+
+def test_build_model_uses_the_seed_the_weights_and_up_to_every_block(tmp_path):
+    params = load_params(REPO_PARAMS)
+    small = params.model.model_copy(update={"head_channels": 8})
+    seeded = build_model(small.model_copy(update={"init_seed": 7}), 5).backbone.state_dict()
+    assert all(torch.equal(v, build_backbone("dinov2_vits14", 7).state_dict()[k]) for k, v in seeded.items())
+    assert not torch.equal(seeded["blocks.0.attn.qkv.weight"],
+                           build_model(small, 5).backbone.state_dict()["blocks.0.attn.qkv.weight"])
+    state = random_state_dict(official_shapes(384, 12), seed=3)
+    torch.save(state, tmp_path / "w.pth")
+    loaded = build_model(small.model_copy(update={"weights": str(tmp_path / "w.pth")}), 5).backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    every = build_model(small.model_copy(update={"head": "multiscale", "layers": 12}), 5)
+    assert every.layers == 12
+
+
 def test_segmenter_shapes_at_pipeline_size():
     params = load_params(REPO_PARAMS)
     seg = build_model(params.model, params.data.num_classes)
