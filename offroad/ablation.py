@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offroad import artifacts, bootstrap, review
+from offroad import bootstrap, review
 from offroad.errors import run_cli
 
 ARGS = Path("experiments/ablation")
@@ -127,14 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=bootstrap.SEED)
     args = parser.parse_args(argv)
     parts = args.parts or default_parts()
-    full, base = review.read_side(args.full), review.read_side(args.base)
-    rows, whole = table(full, base, [review.read_side(p) for p in parts], args.score, args.resamples, args.seed)
-    text = markdown(rows, whole, args.full, args.base, args.score, args.resamples, args.seed)
-    if args.out:
-        artifacts.write_text(args.out, text)
-        print(f"ablation: wrote {args.out}")
-    else:
-        print(text, end="")
+    full, base, *ablated = (review.read_side(rev, figures=False) for rev in (args.full, args.base, *parts))
+    rows, whole = table(full, base, ablated, args.score, args.resamples, args.seed)
+    review.emit(markdown(rows, whole, args.full, args.base, args.score, args.resamples, args.seed), args.out,
+                "ablation")
 
 
 if __name__ == "__main__":

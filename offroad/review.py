@@ -50,8 +50,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_side(rev: str) -> Side:
-    """The params, metrics, per-image matrices and figures of `rev` (or of the workspace)."""
+def read_side(rev: str, figures: bool = True) -> Side:
+    """The params, metrics, per-image matrices and (unless `figures` is False) figures of `rev` or the workspace."""
     import dvc.api  # noqa: PLC0415 (slow to import; only this command needs it)
 
     at = None if rev == WORKSPACE else rev
@@ -76,7 +76,7 @@ def read_side(rev: str) -> Side:
     per_image = None if text is None else artifacts.parse_per_image(text, class_names, f"{rev}:{artifacts.PER_IMAGE}")
     metrics = {k: v for k, v in flatten({**train, **evaluation}).items() if not k.startswith("per_class.")}
     return Side(rev, flatten(params), metrics, evaluation.get("per_class", {}), per_image,
-                {p: read(Path(p), "rb") for p in figure_paths(fs)})
+                {p: read(Path(p), "rb") for p in figure_paths(fs)} if figures else {})
 
 
 def _json(text: str | None, where: str) -> dict:
@@ -237,9 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=bootstrap.SEED)
     args = parser.parse_args(argv)
     text = report(read_side(args.old), read_side(args.new), args.resamples, args.seed, args.out)
-    if args.out:
-        artifacts.write_text(args.out, text)
-        print(f"review: wrote {args.out}")
+    emit(text, args.out, "review")
+
+
+def emit(text: str, out: Path | None, command: str) -> None:
+    """Write a command's markdown to `out`, or print it when there is none."""
+    if out:
+        artifacts.write_text(out, text)
+        print(f"{command}: wrote {out}")
     else:
         print(text, end="")
 
