@@ -4,7 +4,8 @@
 
 Prints images/s of the frozen backbone forward (fp32; bf16 autocast with fp32 weights, and with the weights kept
 in bf16 as the stages run it) beside the same run's 2048x2048 matmul GFLOP/s, the exact matmul FLOPs of one
-forward, the bf16-vs-fp32 output difference and peak RSS.
+forward, the ceiling its own matmul kernels set (each GEMM and attention core timed alone), the attention core's
+GFLOP/s per kernel, the bf16-vs-fp32 output difference and peak RSS.
 """
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def attention_gflops(model: DinoVisionTransformer, tokens: int, batch: int, dtyp
     return flops / best_seconds(lambda: fn(q, k, v), 3) / 1e9
 
 
+def kernels_seconds(model: DinoVisionTransformer, tokens: int, batch: int, dtype: torch.dtype) -> float:
+    """One forward's matmul kernels, each timed alone at its shapes: every block's four Linear GEMMs (bias
+    included) and its attention core (the kernel the model uses). What no fusion of the rest can beat."""
+    block, C = model.blocks[0], model.embed_dim
+    rows = torch.randn(batch * tokens, C).to(dtype)
+    hidden = torch.randn(batch * tokens, 4 * C).to(dtype)
+    gemms = [(rows, block.attn.qkv), (rows, block.attn.proj), (rows, block.mlp.fc1), (hidden, block.mlp.fc2)]
+    seconds = sum(best_seconds(lambda x=x, w=m.weight.to(dtype), b=m.bias.to(dtype): F.linear(x, w, b), 5)
+                  for x, m in gemms)
+    q, k, v = torch.randn(3, batch, block.attn.heads, tokens, C // block.attn.heads).to(dtype)
+    seconds += best_seconds(lambda: attention(q, k, v, block.attn.kernel), 5)
+    return len(model.blocks) * seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="dinov2_vits14")
@@ -106,6 +121,11 @@ def main() -> None:
                   f"= {achieved / peak[name]:4.0%} of the {name} matmul peak")
     tokens = 1 + model.num_registers + (h // model.patch_size) * (w // model.patch_size)
     batch = args.batches[-1]
+    for name, dtype in DTYPES.items():
+        achieved = flops * batch / kernels_seconds(model, tokens, batch, dtype) / 1e9
+        print(f"{name} matmul kernels alone, batch {batch} (each Linear GEMM and the attention core timed on its "
+              f"own): {achieved:5.0f} GFLOP/s = {achieved / peak[name]:4.0%} of the {name} matmul peak, "
+              f"the ceiling of a forward with these kernels")
     for what, fn in (("SDPA", F.scaled_dot_product_attention), ("matmul -> softmax -> matmul", attention)):
         rates = [f"{name} {attention_gflops(model, tokens, batch, dtype, fn):.0f}" for name, dtype in DTYPES.items()]
         print(f"attention core alone ({what}, batch {batch}): {', '.join(rates)} GFLOP/s")

@@ -49,8 +49,9 @@ def hackathon_epoch(model: Segmenter, optimizer: torch.optim.Optimizer, pairs: d
             loaded = [read_pair(img, mask, lut, size) for _, img, mask in pairs[split][i:i + batch_size]]
             yield (torch.from_numpy(np.stack([a for a, _ in loaded])), torch.from_numpy(np.stack([m for _, m in loaded])))
 
-    def logits(images: torch.Tensor) -> torch.Tensor:
-        return model.decode(model.features(images), images.shape[1:3])
+    def logits(images: torch.Tensor) -> torch.Tensor:  # the script's own upsampling, not Segmenter.decode's
+        return F.interpolate(model.head(model.features(images)), size=images.shape[1:3], mode="bilinear",
+                             align_corners=False)
 
     model.train()
     for images, masks in batches("train"):

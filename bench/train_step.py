@@ -7,9 +7,9 @@ head, loss, confusion matrices, val on cached features, checkpoints), with the p
 prepared splits (random arrays of the same shape when there are none), once per DataLoader worker count,
 then with augmentation off (Phase 1: train features cached, so epochs after the first are head-only).
 Epoch 1 also computes the cached features, so the rates are over epochs 2.. Beside them: backbone-only
-images/s at the train batch size, the share of each epoch spent in the backbone (timed inside the loop, so
-it does not depend on load changing between measurements), augmentation ms/image, the same run's matmul
-GFLOP/s and peak RSS.
+images/s at the train stage's images per forward (and at the train batch size), the share of each epoch
+spent in the backbone (timed inside the loop, so it does not depend on load changing between
+measurements), augmentation ms/image, the same run's matmul GFLOP/s and peak RSS.
 """
 from __future__ import annotations
 
@@ -81,16 +81,22 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     return len(train) * (len(stamps) - 2) / (t2 - t1), (b2 - b1) / (t2 - t1)
 
 
-def backbone_rate(params: Params, device: torch.device, repeats: int = 5) -> float:
-    """Images/s of Segmenter.features alone (uint8 in, feature map out) at the train batch size."""
+def forward_batch(params: Params) -> int:
+    """Images per backbone forward in the train stage: whole train batches up to train.backbone_batch."""
+    cfg = params.train
+    return max(1, cfg.backbone_batch // cfg.batch_size) * cfg.batch_size
+
+
+def backbone_rate(params: Params, device: torch.device, batch: int, repeats: int = 5) -> float:
+    """Images/s of Segmenter.features alone (uint8 in, feature map out) at `batch` images per forward."""
     model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, device))
     w, h = params.data.image_size
-    images = torch.randint(0, 256, (params.train.batch_size, h, w, 3), dtype=torch.uint8, device=device)
+    images = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device)
 
     def run() -> None:
         with autocast(device, params.train.amp):
             model.features(images).sum().item()  # .item(): waits for the device
-    return params.train.batch_size / best_seconds(run, repeats)
+    return batch / best_seconds(run, repeats)
 
 
 def augment_ms(params: Params, train: PreparedSplit) -> float:
@@ -119,8 +125,11 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print("matmul 2048x2048: " + ", ".join(f"{n} {matmul_gflops(d):.0f} GFLOP/s"
                                             for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
-    backbone = backbone_rate(params, device)
-    print(f"backbone only (features at batch {cfg.batch_size}): {backbone:.2f} images/s")
+    chunk = forward_batch(params)
+    backbone = backbone_rate(params, device, chunk)
+    print(f"backbone only, {chunk} images per forward as in the train stage (train.backbone_batch): "
+          f"{backbone:.2f} images/s; at the train batch size {cfg.batch_size}: "
+          f"{backbone_rate(params, device, cfg.batch_size):.2f} images/s")
     print(f"loading + augmentation: {augment_ms(params, train):.1f} ms/image in one process")
     if params.augment.enabled:
         for workers in args.workers:

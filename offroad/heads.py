@@ -1,12 +1,25 @@
 """Trainable segmentation heads on the backbone's patch-token maps."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class DepthwiseConv(nn.Conv2d):
+    """7x7 depthwise convolution, run in fp32 under autocast: memory-bound, so bf16 only adds casts (a CPU
+    train step of it at batch 2: 2.6 ms in fp32, 5.1 ms in bf16)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 7, padding=3, groups=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+
 def convnext_block(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(channels, channels, 7, padding=3, groups=channels), nn.GELU(),
+    return nn.Sequential(DepthwiseConv(channels), nn.GELU(),
                          nn.Conv2d(channels, channels, 1), nn.GELU())
 
 

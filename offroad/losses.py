@@ -74,4 +74,9 @@ def pixel_weight(target: Tensor, class_weights: Tensor | None, ignore_index: int
     valid = target != ignore_index
     if class_weights is None:
         return valid.sum(dtype=torch.float64)
-    return class_weights[target[valid]].sum(dtype=torch.float64)
+    K = len(class_weights)
+    bins = torch.where(valid, target + 1, 0)  # bin 0: ignored pixels
+    low, high = torch.aminmax(bins)
+    if low < 0 or high > K:
+        raise PipelineError(f"target class ids outside 0..{K - 1} (and not ignore_index {ignore_index})")
+    return torch.bincount(bins.flatten(), minlength=K + 1)[1:].double() @ class_weights.double()

@@ -15,29 +15,27 @@ SCORES = ("iou", "dice", "precision", "recall")
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """int64 [K, K] counts over all pixels whose target is not ignore_index, on the tensors' device."""
-    k = num_classes
-    valid = target != ignore_index
-    # One extra bin per axis catches out-of-range ids without a separate pass over the data.
-    t = target[valid].long().clamp(0, k)
-    p = pred[valid].long().clamp(0, k)
-    cm = torch.bincount(t * (k + 1) + p, minlength=(k + 1) ** 2).view(k + 1, k + 1)
-    if bool(cm[k].any() | cm[:, k].any()):  # one device sync
-        raise ValueError(f"confusion_matrix: class ids outside 0..{k - 1} (and not ignore_index {ignore_index})")
-    return cm[:k, :k]
+    return image_confusion_matrices(pred.reshape(1, -1), target.reshape(1, -1), num_classes, ignore_index)[0]
 
 
 def image_confusion_matrices(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                              ignore_index: int) -> torch.Tensor:
-    """int64 [B, K, K]: one confusion matrix per image of a [B, H, W] batch, from one bincount."""
+    """int64 [B, K, K]: one confusion matrix per image of a [B, ...] batch, from one bincount.
+
+    Elementwise only (boolean-mask indexing costs a nonzero and a gather per call): ignored targets count in
+    an extra row K that is dropped.
+    """
     k, b = num_classes, target.shape[0]
-    image = torch.arange(b, device=target.device).view(b, *([1] * (target.dim() - 1))).expand_as(target)
-    valid = target != ignore_index
-    t = target[valid].long().clamp(0, k)
-    p = pred[valid].long().clamp(0, k)
-    cms = torch.bincount((image[valid] * (k + 1) + t) * (k + 1) + p, minlength=b * (k + 1) ** 2).view(b, k + 1, k + 1)
-    if bool(cms[:, k].any() | cms[:, :, k].any()):  # one device sync
-        raise ValueError(f"confusion_matrix: class ids outside 0..{k - 1} (and not ignore_index {ignore_index})")
-    return cms[:, :k, :k]
+    ignored = target == ignore_index
+    t, p = torch.where(ignored, k, target.long()), pred.long()
+    t_lo, t_hi, p_lo, p_hi = torch.stack([*torch.aminmax(t), *torch.aminmax(p)]).tolist()
+    if t_lo >= 0 and t_hi <= k and p_lo >= 0 and p_hi < k:
+        image = torch.arange(b, device=target.device).view(b, *([1] * (target.dim() - 1)))
+        cells = ((image * (k + 1) + t) * k + p).flatten()
+        cms = torch.bincount(cells, minlength=b * (k + 1) * k).view(b, k + 1, k)
+        if cms[:, k].sum() == ignored.sum():  # row K holds the ignored pixels and no target id K
+            return cms[:, :k]
+    raise ValueError(f"confusion_matrix: class ids outside 0..{k - 1} (and not ignore_index {ignore_index})")
 
 
 def _per_class(cm) -> dict[str, np.ndarray]:

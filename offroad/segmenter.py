@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offroad.artifacts import read_torch
@@ -13,6 +12,7 @@ from offroad.config import PATCH, Model, Params
 from offroad.errors import PipelineError
 from offroad.heads import ConvNeXtHead, MultiScaleHead
 from offroad.runtime import Run, choose_attention
+from offroad.upsample import upsample_bilinear
 from offroad.vit import DinoVisionTransformer, build_backbone, load_backbone_weights, preprocess
 
 
@@ -53,9 +53,8 @@ class Segmenter(nn.Module):
         return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
     def decode(self, features: Tensor, out_size: tuple[int, int], head: nn.Module | None = None) -> Tensor:
-        """Logits at out_size; `head` overrides self.head with a wrapper of it (DDP, torch.compile)."""
-        logits = (self.head if head is None else head)(features)
-        return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        """fp32 logits at out_size (bilinear); `head` overrides self.head with a wrapper of it (DDP, torch.compile)."""
+        return upsample_bilinear((self.head if head is None else head)(features), tuple(out_size))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.decode(self.features(images), images.shape[1:3])

@@ -9,7 +9,7 @@ import torch
 
 from offroad.errors import PipelineError
 from offroad.artifacts import read_class_weights as load_class_weights
-from offroad.losses import build_loss
+from offroad.losses import build_loss, pixel_weight
 from offroad.config import load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -102,6 +102,20 @@ def test_all_ignored_focal_dice_is_zero_not_nan():
     value = build_loss(loss_params(name="focal_dice"), torch.tensor(WEIGHTS), IGNORE)(logits, target)
     value.backward()
     assert value.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_pixel_weight_is_the_summed_weight_of_the_labelled_pixels(weighted):
+    target = torch.tensor([[[0, 2, IGNORE], [2, 2, 1]]])
+    weights = torch.tensor([0.5, 2.0, 3.0])
+    expected = 0.5 + 3.0 * 3 + 2.0 if weighted else 5.0
+    got = pixel_weight(target, weights if weighted else None, IGNORE)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(expected)
+
+
+def test_pixel_weight_names_class_ids_it_has_no_weight_for():
+    with pytest.raises(PipelineError, match=r"outside 0..2"):
+        pixel_weight(torch.tensor([[0, 3, IGNORE]]), torch.ones(3), IGNORE)
 
 
 def test_bf16_logits_are_computed_in_fp32():

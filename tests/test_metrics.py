@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from offroad.metrics import confusion_matrix, epoch_scores, format_summary, rounded, sort_by_iou, summarize
+from offroad.metrics import (confusion_matrix, epoch_scores, format_summary, image_confusion_matrices, rounded,
+                             sort_by_iou, summarize)
 
 IGNORE = 255
 
@@ -111,10 +112,20 @@ def test_ignore_index_pixels_never_count():
     assert cm_a.tolist() == cm_b.tolist() == [[1, 0], [0, 1]]
 
 
-@pytest.mark.parametrize("pred,target", [([[0, 2]], [[0, 1]]), ([[0, 1]], [[0, 2]])])
+@pytest.mark.parametrize("pred,target", [([[0, 2]], [[0, 1]]), ([[0, 1]], [[0, 2]]), ([[0, -1]], [[0, 1]]),
+                                         ([[0, 1]], [[0, -1]]), ([[0, 1]], [[0, 3]])])
 def test_out_of_range_ids_are_rejected(pred, target):
     with pytest.raises(ValueError, match="outside 0..1"):
         confusion_matrix(torch.tensor(pred), torch.tensor(target), 2, IGNORE)
+
+
+@pytest.mark.parametrize("bad", [(0, "target", 2), (0, "pred", 2), (1, "target", -1), (0, "target", 3)])
+def test_an_out_of_range_id_in_one_image_does_not_land_in_another(bad):
+    image, which, value = bad
+    ids = {"pred": torch.zeros(2, 4, dtype=torch.long), "target": torch.ones(2, 4, dtype=torch.long)}
+    ids[which][image, 1] = value
+    with pytest.raises(ValueError, match="outside 0..1"):
+        image_confusion_matrices(ids["pred"], ids["target"], 2, IGNORE)
 
 
 def test_summarize_nulls_and_json():

@@ -70,3 +70,18 @@ def test_fp32_runs_keep_fp32_weights():
     params = make_params({**TRAIN, "train.amp": False})
     model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, torch.device("cpu")))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_depthwise_convolutions_run_in_fp32_under_autocast():
+    params = make_params(TRAIN)
+    head = build_model(params.model, params.data.num_classes).head
+    assert "block.0.weight" in head.state_dict()  # checkpoints keep their keys
+    depthwise = head.block[0]
+    x = torch.randn(2, depthwise.in_channels, 5, 7).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = depthwise(x)
+        stem = head.stem[0](torch.randn(1, head.stem[0].in_channels, 5, 7))
+    assert y.dtype == torch.float32 and stem.dtype == torch.bfloat16  # the stem stays in bf16
+    expected = torch.nn.functional.conv2d(x.float(), depthwise.weight, depthwise.bias, padding=3,
+                                          groups=depthwise.groups)
+    torch.testing.assert_close(y, expected)
