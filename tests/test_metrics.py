@@ -112,11 +112,22 @@ def test_ignore_index_pixels_never_count():
     assert cm_a.tolist() == cm_b.tolist() == [[1, 0], [0, 1]]
 
 
-@pytest.mark.parametrize("pred,target", [([[0, 2]], [[0, 1]]), ([[0, 1]], [[0, 2]]), ([[0, -1]], [[0, 1]]),
-                                         ([[0, 1]], [[0, -1]]), ([[0, 1]], [[0, 3]])])
+@pytest.mark.parametrize("pred,target", [([[0, 2]], [[0, 1]]), ([[2, 1]], [[0, 1]]), ([[0, 1]], [[0, 2]]),
+                                         ([[0, -1]], [[0, 1]]), ([[0, 1]], [[0, -1]]), ([[0, 1]], [[0, 3]])])
 def test_out_of_range_ids_are_rejected(pred, target):
     with pytest.raises(ValueError, match="outside 0..1"):
         confusion_matrix(torch.tensor(pred), torch.tensor(target), 2, IGNORE)
+
+
+def test_image_confusion_matrices_are_each_images_own_counts():
+    rng = np.random.default_rng(3)
+    target = rng.integers(0, 4, (3, 6, 5))
+    target[1, :2] = IGNORE
+    pred = rng.integers(0, 4, (3, 6, 5))
+    cms = image_confusion_matrices(torch.from_numpy(pred), torch.from_numpy(target), 4, IGNORE)
+    assert cms.shape == (3, 4, 4)
+    for i in range(3):
+        np.testing.assert_array_equal(cms[i].numpy(), brute_force(pred[i], target[i], 4)[0])
 
 
 @pytest.mark.parametrize("bad", [(0, "target", 2), (0, "pred", 2), (1, "target", -1), (0, "target", 3)])
