@@ -58,13 +58,18 @@ def counted_flops(model: DinoVisionTransformer, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def attention_gflops(model: DinoVisionTransformer, tokens: int, batch: int, dtype: torch.dtype,
-                     fn: Callable = F.scaled_dot_product_attention) -> float:
+def attention_seconds(model: DinoVisionTransformer, tokens: int, batch: int, dtype: torch.dtype, fn: Callable,
+                      repeats: int = 3) -> float:
     """One attention core call alone (`fn(q, k, v)`) at one block's shapes."""
     heads = model.blocks[0].attn.heads
     q, k, v = torch.randn(3, batch, heads, tokens, model.embed_dim // heads).to(dtype)
+    return best_seconds(lambda: fn(q, k, v), repeats)
+
+
+def attention_gflops(model: DinoVisionTransformer, tokens: int, batch: int, dtype: torch.dtype,
+                     fn: Callable = F.scaled_dot_product_attention) -> float:
     flops = 4 * batch * tokens * tokens * model.embed_dim
-    return flops / best_seconds(lambda: fn(q, k, v), 3) / 1e9
+    return flops / attention_seconds(model, tokens, batch, dtype, fn) / 1e9
 
 
 def kernels_seconds(model: DinoVisionTransformer, tokens: int, batch: int, dtype: torch.dtype) -> float:
@@ -76,8 +81,7 @@ def kernels_seconds(model: DinoVisionTransformer, tokens: int, batch: int, dtype
     gemms = [(rows, block.attn.qkv), (rows, block.attn.proj), (rows, block.mlp.fc1), (hidden, block.mlp.fc2)]
     seconds = sum(best_seconds(lambda x=x, w=m.weight.to(dtype), b=m.bias.to(dtype): F.linear(x, w, b), 5)
                   for x, m in gemms)
-    q, k, v = torch.randn(3, batch, block.attn.heads, tokens, C // block.attn.heads).to(dtype)
-    seconds += best_seconds(lambda: attention(q, k, v, block.attn.kernel), 5)
+    seconds += attention_seconds(model, tokens, batch, dtype, lambda q, k, v: attention(q, k, v, block.attn.kernel), 5)
     return len(model.blocks) * seconds
 
 

@@ -31,7 +31,7 @@ from offroad.config import Params, load_params, validate
 from offroad.data import SegmentationDataset
 from offroad.runtime import Run, autocast, configure_cpu, resolve_device
 from offroad.segmenter import build_model, place
-from offroad.training import Outputs, fit
+from offroad.training import Outputs, batches_per_forward, fit
 
 
 def with_changes(params: Params, changes: dict[str, Any]) -> Params:
@@ -81,12 +81,6 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     return len(train) * (len(stamps) - 2) / (t2 - t1), (b2 - b1) / (t2 - t1)
 
 
-def forward_batch(params: Params) -> int:
-    """Images per backbone forward in the train stage: whole train batches up to train.backbone_batch."""
-    cfg = params.train
-    return max(1, cfg.backbone_batch // cfg.batch_size) * cfg.batch_size
-
-
 def backbone_rate(params: Params, device: torch.device, batch: int, repeats: int = 5) -> float:
     """Images/s of Segmenter.features alone (uint8 in, feature map out) at `batch` images per forward."""
     model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, device))
@@ -125,7 +119,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print("matmul 2048x2048: " + ", ".join(f"{n} {matmul_gflops(d):.0f} GFLOP/s"
                                             for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
-    chunk = forward_batch(params)
+    chunk = batches_per_forward(cfg) * cfg.batch_size
     backbone = backbone_rate(params, device, chunk)
     print(f"backbone only, {chunk} images per forward as in the train stage (train.backbone_batch): "
           f"{backbone:.2f} images/s; at the train batch size {cfg.batch_size}: "

@@ -26,7 +26,7 @@ from offroad import artifacts, metrics
 from offroad.artifacts import PreparedSplit
 from offroad.augment import build_augment
 from offroad.codebase import ROOT, import_closure
-from offroad.config import Params
+from offroad.config import Params, Train
 from offroad.data import SegmentationDataset
 from offroad.errors import PipelineError, check_interrupt, warn
 from offroad.evaluation import Evaluation, eval_features, evaluate
@@ -191,6 +191,11 @@ def augmented_loader(dataset: SegmentationDataset, workers: int, run: Run,
                                        multiprocessing_context=context if workers else None)
 
 
+def batches_per_forward(train: Train) -> int:
+    """Train batches whose backbone features one forward computes: whole batches up to train.backbone_batch."""
+    return max(1, train.backbone_batch // train.batch_size)
+
+
 def train_inputs(model: Segmenter, train: PreparedSplit, epoch: int, batches: list,
                  loader: torch.utils.data.DataLoader | None, cache: FeatureCache | None, steps_per_forward: int,
                  run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -275,7 +280,7 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
     train_cache = None if augment else FeatureCache(model, train.images, run)
     val_cache, val_idx = FeatureCache(model, val.images, run), np.arange(dist.rank, len(val), dist.world)
 
-    steps_per_forward = max(1, cfg.backbone_batch // cfg.batch_size)
+    steps_per_forward = batches_per_forward(cfg)
     start_epoch, augmented_forwards, t0 = state.epoch, 0, time.perf_counter()
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.early_stopping_patience and epoch - state.best_epoch >= cfg.early_stopping_patience:
