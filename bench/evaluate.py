@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bench.backbone import matmul_gflops
+from bench.train_step import with_changes
 from offroad.artifacts import PreparedSplit
 from offroad.config import load_params
 from offroad.evaluation import evaluate, image_features
@@ -27,19 +28,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--device", help="default: params train.device")
-    parser.add_argument("--no-amp", action="store_true", help="fp32 instead of params train.amp")
+    parser.add_argument("--no-amp", action="store_true", help="fp32 instead of what params train.amp chooses")
     args = parser.parse_args()
     configure_cpu()
     params = load_params()
     data, batch = params.data, params.evaluate.batch_size
     device = resolve_device(args.device or params.train.device)
-    amp = params.train.amp and not args.no_amp
+    if args.no_amp:
+        params = with_changes(params, {"train.amp": False})
     w, h = data.image_size
     rng = np.random.default_rng(0)
     split = PreparedSplit(rng.integers(0, 256, (args.images, h, w, 3), dtype=np.uint8),
                           rng.integers(0, data.num_classes, (args.images, h, w), dtype=np.uint8),
                           [f"{i}" for i in range(args.images)])
-    run_ = Run(device, amp, data.num_classes, data.ignore_index)
+    run_ = Run.from_params(params, device)
     segmenter = place(build_model(params.model, data.num_classes), run_)
     loss_fn = build_loss(params.loss, torch.ones(data.num_classes, device=device), data.ignore_index)
 
@@ -54,7 +56,7 @@ def main() -> None:
     run(split)  # ends with a copy to the CPU, so the clock includes the device work
     seconds = time.perf_counter() - start
     print(f"evaluate: {args.images / seconds:.2f} images/s ({args.images} images {w}x{h}, batch {batch}, "
-          f"{device}, {'bf16 autocast' if amp else 'fp32'}, {params.model.backbone} + {params.model.head} head, "
+          f"{device}, {run_.precision}, {params.model.backbone} + {params.model.head} head, "
           f"{torch.get_num_threads()} threads)")
     print("matmul 2048x2048: " + ", ".join(f"{n} {matmul_gflops(d):.0f} GFLOP/s"
                                             for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))))

@@ -174,7 +174,7 @@ def main() -> None:
     n_val = max(1, round(args.train_images * REAL_VAL / REAL_TRAIN))
     w, h = params.data.image_size
     print(f"train loop (offroad.training.fit): params.yaml recipe, augmentation "
-          f"{'on (Phase 2)' if params.augment.enabled else 'OFF'}, {'bf16 autocast' if params.train.amp else 'fp32'}, "
+          f"{'on (Phase 2)' if params.augment.enabled else 'OFF'}, {Run.from_params(params, torch.device('cuda')).precision}, "
           f"num_workers {args.workers}, {args.train_images} train / {n_val} val random images {w}x{h} "
           f"memory-mapped, {args.epochs} epochs, rate over epochs 2..{args.epochs}")
     rates = {}

@@ -27,7 +27,7 @@ from offroad.artifacts import load_split
 from offroad.config import Params, load_params
 from offroad.data import class_lut, prepare_split
 from offroad.raw import find_split, list_pairs
-from offroad.runtime import configure_cpu
+from offroad.runtime import Run, configure_cpu
 from offroad.segmenter import Segmenter, build_model
 from offroad.synthetic import write_dataset
 
@@ -105,7 +105,7 @@ def main() -> None:
               f"{reference:.2f} train images per epoch-second ({seconds:.1f} s per epoch)")
         train, val = load_split(root / "prepared", "train"), load_split(root / "prepared", "val")
         ours, _ = epoch_rate(params, train, val, torch.device("cpu"))
-        print(f"train stage (Phase 2 recipe of params.yaml: {'bf16' if params.train.amp else 'fp32'}, augmentation "
+        print(f"train stage (Phase 2 recipe of params.yaml: {Run.from_params(params, torch.device('cpu')).precision}, augmentation "
               f"{'on' if params.augment.enabled else 'off'}, batch {params.train.batch_size}): {ours:.2f} train images "
               f"per epoch-second")
         print(f"ratio: train stage / hackathon loop = {ours / reference:.2f}x (load average {os.getloadavg()[0]:.2f})")

@@ -24,7 +24,7 @@ from bench.backbone import best_seconds, matmul_gflops
 from bench.train_step import with_changes
 from offroad.config import Params, load_params
 from offroad.losses import build_loss
-from offroad.runtime import Run, autocast, configure_cpu, resolve_device
+from offroad.runtime import Run, configure_cpu, resolve_device
 from offroad.segmenter import build_model, place
 from offroad.training import make_optimizer
 
@@ -42,18 +42,18 @@ def overrides(path: str | None) -> dict:
 def rates(params: Params, device: torch.device, steps: int) -> dict[str, float]:
     """Images/s of a train step, of the backbone alone and of the head alone (inference), at the train batch."""
     torch.manual_seed(0)
-    model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, device))
+    run = Run.from_params(params, device)
+    model = place(build_model(params.model, params.data.num_classes), run)
     w, h = params.data.image_size
     b, K = params.train.batch_size, params.data.num_classes
     images = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, device=device)
     target = torch.randint(0, K, (b, h, w), device=device)
     loss_fn = build_loss(params.loss, torch.ones(K, device=device), params.data.ignore_index)
     optimizer = make_optimizer(params, model.head.parameters())
-    amp = params.train.amp
 
     def step() -> None:
         model.train()
-        with autocast(device, amp):
+        with run.autocast():
             logits = model.decode(model.features(images), (h, w))
         loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
@@ -62,14 +62,14 @@ def rates(params: Params, device: torch.device, steps: int) -> dict[str, float]:
         loss.item()
 
     def backbone() -> None:
-        with autocast(device, amp):
+        with run.autocast():
             model.features(images).sum().item()
 
-    with autocast(device, amp):
+    with run.autocast():
         features = model.features(images)
 
     def head() -> None:
-        with torch.inference_mode(), autocast(device, amp):
+        with torch.inference_mode(), run.autocast():
             model.decode(features, (h, w)).sum().item()
     model.eval()
     return {"step": b / best_seconds(step, steps), "backbone": b / best_seconds(backbone, steps),
@@ -95,7 +95,7 @@ def main() -> None:
     epochs = base.train.epochs
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {device}, load average {os.getloadavg()[0]:.2f}; "
           f"batch {base.train.batch_size} at {list(base.data.image_size)}, "
-          f"{'bf16 autocast' if base.train.amp else 'fp32'}")
+          f"{Run.from_params(base, device).precision}")
     print("matmul 2048x2048: " + ", ".join(f"{n} {matmul_gflops(d):.0f} GFLOP/s"
                                             for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
     first = None

@@ -21,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from offroad import artifacts
 from offroad.config import PATCH, VIT_ARCHS, load_params
+from offroad.runtime import Run
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("stages", "offroad", "params.yaml")
@@ -70,7 +72,7 @@ def feature_cache_gb(params, cached_images: int) -> float:
     """Bytes of the train stage's in-memory feature cache: tokens x width per image, in the autocast dtype."""
     width, height = params.data.image_size
     dim = VIT_ARCHS[params.model.backbone.removeprefix("dinov2_").removesuffix("_reg")][0]
-    dtype_bytes = 2 if params.train.amp else 4
+    dtype_bytes = 2 if Run.from_params(params, torch.device("cpu")).amp else 4
     return cached_images * (width // PATCH) * (height // PATCH) * dim * dtype_bytes / GB
 
 

@@ -29,7 +29,7 @@ from offroad.artifacts import PreparedSplit, load_split
 from offroad.augment import build_augment
 from offroad.config import Params, load_params, validate
 from offroad.data import SegmentationDataset
-from offroad.runtime import Run, autocast, configure_cpu, resolve_device
+from offroad.runtime import Run, configure_cpu, resolve_device
 from offroad.segmenter import build_model, place
 from offroad.training import Outputs, batches_per_forward, fit
 
@@ -83,12 +83,13 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
 
 def backbone_rate(params: Params, device: torch.device, batch: int, repeats: int = 5) -> float:
     """Images/s of Segmenter.features alone (uint8 in, feature map out) at `batch` images per forward."""
-    model = place(build_model(params.model, params.data.num_classes), Run.from_params(params, device))
+    run_ = Run.from_params(params, device)
+    model = place(build_model(params.model, params.data.num_classes), run_)
     w, h = params.data.image_size
     images = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device)
 
     def run() -> None:
-        with autocast(device, params.train.amp):
+        with run_.autocast():
             model.features(images).sum().item()  # .item(): waits for the device
     return batch / best_seconds(run, repeats)
 
@@ -115,7 +116,7 @@ def main() -> None:
     train, val, source = splits(args.prepared, params)
     cfg = params.train
     print(f"train step: {len(train)} train / {len(val)} val images {list(params.data.image_size)} from {source}, "
-          f"batch {cfg.batch_size}, {'bf16 autocast' if cfg.amp else 'fp32'}, {device}, "
+          f"batch {cfg.batch_size}, {Run.from_params(params, device).precision}, {device}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print("matmul 2048x2048: " + ", ".join(f"{n} {matmul_gflops(d):.0f} GFLOP/s"
                                             for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))))

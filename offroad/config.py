@@ -169,8 +169,8 @@ class Train(Section):
     seed: Count
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     num_workers: Count
-    amp: bool
-    amp_dtype: Literal["bf16", "fp16"]
+    amp: Literal["auto"] | bool  # auto: bf16 where the hardware runs it natively (offroad.runtime.choose_precision)
+    amp_dtype: Literal["auto", "bf16", "fp16"]
     early_stopping_patience: Count  # 0 = off
     checkpoint: Literal["best", "final"]
     compile: bool

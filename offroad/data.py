@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -51,6 +50,33 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols]
 
 
+def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and integer weights [n_out, taps] of an area resize: the overlap of source pixel j,
+    spanning [j n_out, (j + 1) n_out), with output pixel i, spanning [i n_in, (i + 1) n_in). Each row sums
+    to n_in."""
+    taps = -(-n_in // n_out) + 1
+    start = np.arange(n_out)[:, None] * n_in
+    index = np.minimum(start // n_out + np.arange(taps), n_in - 1)
+    low = np.maximum(index * n_out, start)
+    high = np.minimum((index + 1) * n_out, start + n_in)
+    weights = np.maximum(high - low, 0)
+    weights[:, 1:][index[:, 1:] == index[:, :-1]] = 0  # an index clamped at the far edge counts once
+    return index, weights
+
+
+def resize_area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [h, w, C] area resize of a uint8 [H, W, C] image to `size` = (w, h): each output pixel is the
+    mean of the source area it covers, rounded half up. Integer arithmetic, so the same bytes on every CPU
+    (OpenCV's INTER_AREA rounds in float, differently per SIMD level)."""
+    (w, h), (H, W) = size, image.shape[:2]
+    acc = np.int32 if 255 * W * H < 2**31 else np.int64
+    cols, col_w = _area_taps(W, w)
+    rows, row_w = _area_taps(H, h)
+    tall = sum(image[rows[:, k]] * row_w[:, k, None, None].astype(acc) for k in range(rows.shape[1]))
+    total = sum(tall[:, cols[:, k]] * col_w[:, k, None].astype(acc) for k in range(cols.shape[1]))
+    return ((total + W * H // 2) // (W * H)).astype(np.uint8)
+
+
 def load_pair(image_path: Path, mask_path: Path, lut: np.ndarray,
               size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Decode, check, map and resize one pair to `size` = (width, height); also the source (width, height)."""
@@ -59,7 +85,7 @@ def load_pair(image_path: Path, mask_path: Path, lut: np.ndarray,
         raise DataError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
                         f"{image.shape[1]}x{image.shape[0]}")
     mask = map_mask(raw, lut, mask_path)
-    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+    return (resize_area(image, size),
             resize_labels(mask, size), (image.shape[1], image.shape[0]))
 
 

@@ -9,6 +9,7 @@ at the source size and writes OUT/metrics.json.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import cv2
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from offroad import artifacts
 from offroad.config import load_params
-from offroad.data import class_lut, map_mask, resize_labels
+from offroad.data import class_lut, map_mask, resize_area, resize_labels
 from offroad.errors import PipelineError, run_cli
 from offroad.metrics import confusion_matrix, format_summary, rounded, summarize
 from offroad.raw import MASKS, read_image, read_mask
@@ -73,7 +74,7 @@ def segment(segmenter: Segmenter, image: np.ndarray, size: tuple[int, int], devi
             amp: bool, dtype: torch.dtype) -> np.ndarray:
     """Class ids [H, W] uint8 at the image's own size: model at `size` (w, h), nearest upsampling back."""
     h, w = image.shape[:2]
-    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    resized = resize_area(image, size)
     with torch.inference_mode(), autocast(device, amp, dtype):
         logits = segmenter(torch.from_numpy(resized)[None].to(device))
     pred = predicted_labels(logits)[0].to(torch.uint8).cpu().numpy()
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(params.train.device)
     checkpoint = args.checkpoint or artifacts.CHECKPOINTS[params.train.checkpoint]
     run = Run.from_params(params, device)
+    print(f"predict: {device}, {run.precision}", file=sys.stderr)
     segmenter = place(load_segmenter(checkpoint, params.model, names, device)[0], run)
 
     lut = class_lut(data)

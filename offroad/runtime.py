@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from offroad.config import Params
-from offroad.errors import PipelineError
+from offroad.config import Params, Train
+from offroad.errors import PipelineError, warn
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.amp_dtype
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 bf16 and AMX; aarch64 BF16
+# ONEDNN_MAX_CPU_ISA values that stop oneDNN short of bf16 instructions (an emulated older CPU)
+NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,6 +63,57 @@ class Dist:
         return box[0]
 
 
+def cpu_runs_bf16(flags: set[str] | None = None, env: dict[str, str] | None = None,
+                  capability: str | None = None) -> bool:
+    """Whether bf16 matmuls run in hardware here: the CPU has the instructions, and neither
+    ATEN_CPU_CAPABILITY nor ONEDNN_MAX_CPU_ISA caps torch below them. Elsewhere bf16 is emulated, ~7x slower
+    than fp32 (AVX2-only AMD EPYC)."""
+    flags = cpu_flags() if flags is None else flags
+    env = os.environ if env is None else env
+    isa = env.get("ONEDNN_MAX_CPU_ISA", env.get("DNNL_MAX_CPU_ISA", "")).upper()
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    x86_capped = "avx2" in flags and capability != "AVX512"
+    return bool(flags & BF16_FLAGS) and isa not in NO_BF16_ISAS and not x86_capped
+
+
+def cuda_runs_bf16(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and newer
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype (None: fp32) and why it was chosen."""
+    dtype: torch.dtype | None
+    reason: str
+
+    def __str__(self) -> str:
+        name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return f"{name} ({self.reason})"
+
+
+def choose_precision(train: Train, device: torch.device, native_bf16: bool | None = None) -> Precision:
+    """train.amp (auto | true | false) and train.amp_dtype (auto | bf16 | fp16) on `device`, decided by the
+    hardware's capabilities, never by timing. auto: bf16 where it runs natively (CPUs with AVX-512 bf16 or
+    AMX, Ampere and newer GPUs), fp16 with a grad scaler on older GPUs, fp32 on other CPUs."""
+    if train.amp is False:
+        return Precision(None, "train.amp: false")
+    cuda = device.type == "cuda"
+    native = (cuda_runs_bf16(device) if cuda else cpu_runs_bf16()) if native_bf16 is None else native_bf16
+    where = "GPU" if cuda else "CPU"
+    if train.amp == "auto" and not cuda and not native:
+        return Precision(None, "auto: CPU without native bf16")
+    if train.amp_dtype != "auto":
+        dtype, reason = AMP_DTYPES[train.amp_dtype], f"train.amp_dtype: {train.amp_dtype}"
+    else:
+        dtype = torch.bfloat16 if native or not cuda else torch.float16
+        reason = f"{'auto' if train.amp == 'auto' else 'train.amp: true'}: {where} " + \
+            ("with native bf16" if native else "without native bf16")
+    if dtype == torch.bfloat16 and not native:
+        warn(f"bf16 autocast on a {where} without native bf16 is emulated: several times slower than fp32 "
+             f"(about 7x on an AVX2 CPU); train.amp: auto picks {'fp16' if cuda else 'fp32'} here")
+    return Precision(dtype, reason)
+
+
 @dataclass(frozen=True)
 class Run:
     """What every model pass needs to know besides the model and the data."""
@@ -69,11 +123,13 @@ class Run:
     ignore_index: int
     dist: Dist = field(default_factory=Dist)
     amp_dtype: torch.dtype = torch.bfloat16
+    precision: str = ""  # what was chosen and why, for logs and run facts
 
     @classmethod
     def from_params(cls, params: Params, device: torch.device, dist: Dist = Dist()) -> "Run":
-        t, data = params.train, params.data
-        return cls(device, t.amp, data.num_classes, data.ignore_index, dist, AMP_DTYPES[t.amp_dtype])
+        data, chosen = params.data, choose_precision(params.train, device)
+        return cls(device, chosen.dtype is not None, data.num_classes, data.ignore_index, dist,
+                   chosen.dtype or torch.bfloat16, str(chosen))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.amp, self.amp_dtype)
@@ -110,14 +166,14 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfl
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The CPU's feature flags (Linux /proc/cpuinfo: x86 flags, aarch64 Features; empty elsewhere)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
                 cpuinfo = f.read()
         except OSError:
             return set()
-    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    line = next((line for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), "")  # x86, arm
     return set(line.partition(":")[2].split())
 
 
@@ -138,7 +194,11 @@ def choose_attention(setting: str, flags: set[str] | None = None) -> tuple[str, 
 
 def configure_cpu() -> None:
     """The node's cores shared by its processes (LOCAL_WORLD_SIZE, set by a launcher) unless the user set
-    OMP_NUM_THREADS; glibc malloc keeps freed memory.
+    OMP_NUM_THREADS; denormal floats flushed to zero; glibc malloc keeps freed memory.
+
+    Denormals: in fp32 the head's weight gradients meet them, and x86 cores compute them in microcode. On an
+    Intel Xeon without bf16 the stem convolution's backward took 400 ms a step instead of 31 (bf16 has no
+    denormals to meet: its kernels flush them).
 
     glibc's default hands the memory of large tensors back to the OS and page-faults it in again on the next
     forward until its thresholds adapt: on the 2-core test machine ViT-S bf16 forwards ran at 9-14 images/s
@@ -146,6 +206,7 @@ def configure_cpu() -> None:
     """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_flush_denormal(True)  # before the first parallel region: its threads inherit the setting
     if platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB come from the heap (old glibc's maximum)

@@ -3,10 +3,16 @@
 `<root>/<split>/Color_Images/NAME.png` (RGB, 8-bit) and `<root>/<split>/Segmentation/NAME.png`
 (16-bit single-channel raw ids). Each image is drawn by its own generator seeded from
 (seed, split, index): byte-identical across runs, and unchanged when the counts change.
+
+Byte-identical across CPUs too: the drawing is numpy elementwise arithmetic (IEEE-exact whatever SIMD level
+numpy dispatches to), transcendentals are the C library's scalar ones (`_libm`), and the resampling and blur
+are written out here rather than taken from OpenCV, whose float kernels round differently per SIMD level
+(tests/test_cross_cpu.py).
 """
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from pathlib import Path
 
@@ -25,10 +31,56 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode()), index]))
 
 
+def _libm(fn, *arrays) -> np.ndarray:
+    """float32 `fn` elementwise through Python's math module: numpy's SIMD transcendentals differ by CPU."""
+    return np.frompyfunc(fn, len(arrays), 1)(*arrays).astype(np.float32)
+
+
+def _pow(x: np.ndarray, p: float) -> np.ndarray:
+    return _libm(lambda v: math.pow(v, p), x)
+
+
+def _cubic_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights [n_out, 4] of a bicubic resize (a = -0.75, half-pixel centres, edge
+    pixels repeated), as OpenCV's INTER_CUBIC."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    t = src - base
+    a = -0.75
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    weights = np.stack([w0, w1, w2, 1 - w0 - w1 - w2], axis=1).astype(np.float32)
+    index = np.clip(base.astype(np.int64)[:, None] + np.arange(-1, 3), 0, n_in - 1)
+    return index, weights
+
+
+def resize_cubic(grid: np.ndarray, h: int, w: int) -> np.ndarray:
+    """float32 [h, w] bicubic resize of a float32 grid, one pass per axis, taps summed in a fixed order."""
+    rows, row_w = _cubic_taps(grid.shape[0], h)
+    cols, col_w = _cubic_taps(grid.shape[1], w)
+    tall = sum(grid[rows[:, k]] * row_w[:, k, None] for k in range(4))
+    return sum(tall[:, cols[:, k]] * col_w[None, :, k] for k in range(4))
+
+
+def blur3(img: np.ndarray, sigma: float) -> np.ndarray:
+    """3x3 Gaussian blur of an [H, W, C] float32 image, edges mirrored without repeating the edge pixel
+    (OpenCV's BORDER_REFLECT_101)."""
+    side = math.exp(-0.5 / sigma**2)
+    k = np.float32(side / (1 + 2 * side)), np.float32(1 / (1 + 2 * side))
+    for axis in (0, 1):
+        pad = [(1, 1) if a == axis else (0, 0) for a in range(img.ndim)]
+        p = np.pad(img, pad, mode="reflect")
+        n = img.shape[axis]
+        img = (p.take(range(0, n), axis) * k[0] + p.take(range(1, n + 1), axis) * k[1]
+               + p.take(range(2, n + 2), axis) * k[0])
+    return img
+
+
 def noise(rng: np.random.Generator, h: int, w: int, cells_y: float, cells_x: float) -> np.ndarray:
     """Smooth value noise, about 0..1, with cells_y x cells_x features over an h x w field."""
     grid = rng.random((max(2, round(cells_y)), max(2, round(cells_x))), dtype=np.float32)
-    return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+    return resize_cubic(grid, h, w)
 
 
 def fractal(rng: np.random.Generator, h: int, w: int, cells: float, octaves: int = 3) -> np.ndarray:
@@ -108,21 +160,21 @@ def _rock(rng, img, lab, bx, by, r, base: np.ndarray) -> None:
     h, w = max(3, int(1.2 * r)), max(3, int(2 * r))
     y, x = _grid(h, w)
     radii = rng.uniform(0.55, 1.0, 8).astype(np.float32)
-    angle = (np.arctan2(y - 0.95, x - 0.5) + np.pi) / (2 * np.pi) * 8
+    angle = (_libm(math.atan2, y - 0.95, x - 0.5) + np.float32(np.pi)) / np.float32(2 * np.pi) * 8
     edge = np.interp(angle.ravel(), np.arange(9), np.append(radii, radii[0])).reshape(h, w)
-    shape = np.hypot((x - 0.5) / 0.5, (y - 0.95) / 0.95) < edge
+    shape = np.sqrt(((x - 0.5) / 0.5) ** 2 + ((y - 0.95) / 0.95) ** 2) < edge
     lit = 1.25 - 0.5 * y - 0.25 * x + 0.25 * (fractal(rng, h, w, max(3, h / 3), 2) - 0.5)
     _paste(img, lab, int(bx - w / 2), int(by - h), shape, base * lit[..., None], ROCKS)
 
 
 def _log(rng, img, lab, bx, by, length, thick, base: np.ndarray) -> None:
     angle = rng.uniform(-0.4, 0.4)
-    c, s = np.cos(angle), np.sin(angle)
+    c, s = math.cos(angle), math.sin(angle)
     side = int(length * (abs(c) + abs(s))) + 3
     y, x = np.mgrid[0:side, 0:side].astype(np.float32) - side / 2
     u, v = x * c + y * s, -x * s + y * c
     shape = (np.abs(u) < length / 2) & (np.abs(v) < thick / 2)
-    streak = 1 + 0.3 * np.cos(v / max(thick, 1) * np.pi) - 0.15 * (np.abs(u) > length / 2 - thick)
+    streak = 1 + 0.3 * _libm(math.cos, v / max(thick, 1) * np.float32(np.pi)) - 0.15 * (np.abs(u) > length / 2 - thick)
     _paste(img, lab, int(bx - side / 2), int(by - side / 2), shape, base * streak[..., None], LOGS)
 
 
@@ -141,7 +193,7 @@ def _sky(rng, img, lab, sky, rows, horizon) -> np.ndarray:
     H, W = lab.shape
     top, haze = _colour(rng, (80, 130, 200), 0.15), _colour(rng, (195, 210, 222), 0.06)
     t = np.clip(rows / horizon, 0, 1)[..., None]
-    rgb = np.broadcast_to(top + (haze - top) * t ** 0.7, (H, W, 3))
+    rgb = np.broadcast_to(top + (haze - top) * _pow(t, 0.7), (H, W, 3))
     cloud = np.clip((fractal(rng, H, W, 3, 4) - rng.uniform(0.5, 0.75)) * 4, 0, 1)[..., None]
     _paint(img, lab, sky, rgb + (_colour(rng, (240, 240, 240), 0.04) - rgb) * cloud * 0.9, SKY)
     return haze
@@ -154,7 +206,7 @@ def _landscape(rng, img, lab, land, rows, skyline, horizon, ground, haze, near) 
     depth = np.clip((rows - skyline.min()) / (ground.max() - skyline.min() + 1), 0, 1)[..., None]
     slope = np.clip(np.gradient(skyline) * W / H, -1, 1) * rng.choice([-1, 1])
     relief = np.where(rows < horizon, 1 + 0.15 * slope, 0.88 + 0.24 * noise(rng, H, W, H / 12, W / 30))
-    rgb = (far + (near - far) * depth ** 0.8) * (relief * (0.85 + 0.3 * fractal(rng, H, W, 6, 4)))[..., None]
+    rgb = (far + (near - far) * _pow(depth, 0.8)) * (relief * (0.85 + 0.3 * fractal(rng, H, W, 6, 4)))[..., None]
     _paint(img, lab, land, rgb + (haze - rgb) * 0.4 * (1 - depth), LANDSCAPE)
 
 
@@ -232,7 +284,7 @@ def generate(seed: int, split: str, index: int, width: int = 960, height: int = 
 
     # Sky above the skyline, the landscape band down to the ground line, ground below.
     horizon = H * rng.uniform(0.365, 0.465)
-    skyline = horizon - H * rng.uniform(0.05, 0.2) * _profile(rng, W, rng.integers(3, 10)).clip(0, 1) ** 1.3
+    skyline = horizon - H * rng.uniform(0.05, 0.2) * _pow(_profile(rng, W, rng.integers(3, 10)).clip(0, 1), 1.3)
     ground = horizon + H * (rng.uniform(0.14, 0.22) + 0.05 * (_profile(rng, W, 5) - 0.5))
     sky = rows < skyline
     below = rows >= ground
@@ -248,7 +300,7 @@ def generate(seed: int, split: str, index: int, width: int = 960, height: int = 
     # Lighting (brightness, warmth), lens softness and sensor noise.
     warm = rng.uniform(-1, 1)
     light = rng.uniform(0.8, 1.15) * np.array([1 + 0.06 * warm, 1, 1 - 0.08 * warm], np.float32)
-    img = cv2.GaussianBlur(img * light, (3, 3), rng.uniform(0.4, 0.9))
+    img = blur3(img * light, rng.uniform(0.4, 0.9))
     img += rng.normal(0, rng.uniform(3, 8), img.shape).astype(np.float32)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), lab
 

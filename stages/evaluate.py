@@ -18,6 +18,7 @@ def main() -> None:
     params = load_params()
     data, cfg = params.data, params.evaluate
     run = Run.from_params(params, resolve_device(params.train.device))
+    print(f"evaluate: {run.device}, {run.precision}")
     artifacts.check_writable(artifacts.EVAL_METRICS, artifacts.EVAL_TABLE, artifacts.PER_CLASS, artifacts.CONFUSION,
                              artifacts.EXAMPLES)
     checkpoint = artifacts.CHECKPOINTS[params.train.checkpoint]

@@ -45,13 +45,13 @@ def main() -> None:
         head = torch.nn.parallel.DistributedDataParallel(head)
 
     log = print if dist.main else (lambda _: None)
-    log(f"train: {len(train)} train / {len(val)} val images, device {device}, world {dist.world}, "
+    log(f"train: {len(train)} train / {len(val)} val images, device {device}, {run.precision}, world {dist.world}, "
         f"backbone {params.model.backbone} ({params.model.weights}), augment {'on' if params.augment.enabled else 'off'}")
     summary = fit(model, head, params, train, val, weights, run, log=log)
     if dist.main:
         artifacts.write_train_metrics({
-            **summary, "device": device.type, "world_size": dist.world, "amp": params.train.amp,
-            "amp_dtype": params.train.amp_dtype, "attention": "{} ({})".format(*choose_attention(params.model.attention)),
+            **summary, "device": device.type, "world_size": dist.world, "precision": run.precision,
+            "attention": "{} ({})".format(*choose_attention(params.model.attention)),
             "backbone": params.model.backbone,
             "backbone_weights": params.model.weights})
     if dist.world > 1:

@@ -77,6 +77,17 @@ def test_model_and_training_run_on_the_gpu_and_checkpoints_load_on_the_cpu(tmp_p
     assert kept and all(t.device.type == "cpu" for t in kept)
 
 
+def test_auto_precision_follows_the_gpu_capability(tmp_path, tiny_dataset):
+    run = Run.from_params(make_params(TRAIN), DEVICE)
+    ampere = torch.cuda.get_device_capability(DEVICE)[0] >= 8
+    assert (run.amp, run.amp_dtype) == (True, torch.bfloat16 if ampere else torch.float16), run.precision
+    assert run.grad_scaler().is_enabled() == (not ampere)
+    with run.autocast():
+        assert (torch.ones(2, 2, device=DEVICE) @ torch.ones(2, 2, device=DEVICE)).dtype == run.amp_dtype
+    history, _ = fit_tiny(tmp_path, tiny_dataset, **{"train.epochs": 1})  # amp: auto
+    assert np.isfinite(history[0]["train_loss"])
+
+
 @pytest.mark.parametrize("amp_dtype", ["bf16", "fp16"])
 def test_autocast_training_tracks_fp32(tmp_path, tiny_dataset, amp_dtype):
     fp32, _ = fit_tiny(tmp_path / "fp32", tiny_dataset, **{"train.amp": False})

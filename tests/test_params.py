@@ -36,7 +36,7 @@ def test_repo_params_are_the_phase2_recipe():
     assert (p.optimizer.name, p.optimizer.lr, p.optimizer.weight_decay) == ("adamw", 5e-4, 1e-4)
     assert (p.scheduler.name, p.scheduler.min_lr) == ("cosine", 1e-6)
     assert (p.train.epochs, p.train.early_stopping_patience, p.train.checkpoint) == (30, 10, "best")
-    assert p.augment.enabled and p.loss.class_weighted and p.train.amp
+    assert p.augment.enabled and p.loss.class_weighted and (p.train.amp, p.train.amp_dtype) == ("auto", "auto")
     assert p.data.image_size == (476, 266)
     assert p.data.class_names == ["Background", "Trees", "Lush Bushes", "Dry Grass", "Dry Bushes",
                                   "Ground Clutter", "Logs", "Rocks", "Landscape", "Sky"]

@@ -21,7 +21,7 @@ def test_reduced_rehearsal_runs_every_step_and_measures_it(tmp_path):
     params = validate(yaml.safe_load((work / "params.yaml").read_text()), "rehearsal params")
     assert (params.optimizer.name, params.train.amp, params.train.epochs) == ("sgd", False, 1)
     summary = json.loads((work / "metrics/train.json").read_text())
-    assert summary["epochs_run"] == 1 and summary["amp"] is False
+    assert summary["epochs_run"] == 1 and summary["precision"] == "fp32 (train.amp: false)"
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "step" not in line]
     assert [r[0].lstrip("| ") for r in rows] == ["synthesize", "prepare", "class_weights", "train: 1 Phase 2 epoch",
                                                  "train: 1 Phase 1 epoch"]

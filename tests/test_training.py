@@ -34,7 +34,7 @@ def run(tmp_path, splits, params, loss_fn=None, log=None):
     model = build_model(params.model, params.data.num_classes)
     weights = torch.linspace(0.5, 2.0, params.data.num_classes) if params.loss.class_weighted else None
     out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
-    run_ = Run(torch.device("cpu"), params.train.amp, params.data.num_classes, params.data.ignore_index)
+    run_ = Run.from_params(params, torch.device("cpu"))
     with mock.patch("offroad.training.build_loss", side_effect=(lambda *_: loss_fn) if loss_fn else build_loss):
         summary = fit(model, model.head, params, *splits, weights, run_, out, log=log or (lambda _: None))
     with open(out.history) as f:
