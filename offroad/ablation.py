@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
                                                     f"{ARGS}/NAME.args)")
     parser.add_argument("--score", default="miou", choices=bootstrap.SCORES)
     parser.add_argument("--out", type=Path, help="write the markdown here, not to stdout")
-    parser.add_argument("--resamples", type=int, default=bootstrap.RESAMPLES)
-    parser.add_argument("--seed", type=int, default=bootstrap.SEED)
+    review.add_report_args(parser)
     args = parser.parse_args(argv)
+    review.check_report_out(args.out, args.force, figures=False)
     parts = args.parts or default_parts()
     full, base, *ablated = (review.read_side(rev, figures=False) for rev in (args.full, args.base, *parts))
     rows, whole = table(full, base, ablated, args.score, args.resamples, args.seed)
@@ -134,4 +134,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, then="run the same command again")

@@ -7,6 +7,7 @@ are accepted as floats.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,10 @@ PARAMS_FILE = Path("params.yaml")
 PATCH = 14  # ViT patch size: image sides must be multiples of it
 VIT_ARCHS = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}  # embed dim, depth, heads
 BACKBONES = tuple(f"dinov2_{arch}{reg}" for reg in ("", "_reg") for arch in VIT_ARCHS)
+
+
+SHORT = reprlib.Repr()  # a YAML alias bomb shown in full is gigabytes
+SHORT.maxlevel, SHORT.maxlist, SHORT.maxstring, SHORT.maxother = 2, 4, 60, 60
 
 
 class ParamsError(PipelineError):
@@ -37,11 +42,20 @@ def _number(value: Any) -> Any:
     return value
 
 
-Float = Annotated[float, BeforeValidator(_number)]
-Prob = Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=1.0)]
-NonNeg = Annotated[float, BeforeValidator(_number), Field(ge=0.0)]
-Count = Annotated[int, Field(ge=0, strict=True)]
-Positive = Annotated[int, Field(ge=1, strict=True)]
+def Real(**bounds) -> Any:
+    """A finite float within `bounds` (pydantic's ge/gt/le/lt); numbers written `5e-4` are accepted."""
+    return Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False, **bounds)]
+
+
+def Int(low: int, high: int) -> Any:
+    """A whole number in low..high: every count has a ceiling, so a typo fails here, not as an allocation."""
+    return Annotated[int, Field(ge=low, le=high, strict=True)]
+
+
+Prob = Real(ge=0.0, le=1.0)
+Seed = Int(0, 2**32 - 1)
+Workers = Int(0, 256)  # 0 = all cores
+Batch = Int(1, 4096)
 
 
 class Section(BaseModel):
@@ -55,7 +69,7 @@ class ClassSpec(Section):
 
 class Data(Section):
     root: str
-    image_size: tuple[Positive, Positive]  # [width, height]
+    image_size: tuple[Int(1, 4096), Int(1, 4096)]  # [width, height]
     ignore_index: Annotated[int, Field(ge=0, le=255, strict=True)]
     ignore_raw: list[Annotated[int, Field(ge=0, le=65535, strict=True)]] = []
     classes: list[ClassSpec] = Field(min_length=2)
@@ -87,70 +101,70 @@ class Data(Section):
 
 
 class Synthetic(Section):
-    seed: Count
-    train: Positive
-    val: Positive
-    width: Annotated[int, Field(ge=28, strict=True)] = 960  # smaller scenes cannot be drawn
-    height: Annotated[int, Field(ge=28, strict=True)] = 540
+    seed: Seed
+    train: Int(1, 100_000)
+    val: Int(1, 100_000)
+    width: Int(28, 7680) = 960  # smaller scenes cannot be drawn
+    height: Int(28, 4320) = 540
 
 
 class Prepare(Section):
-    workers: Count  # 0 = all cores
+    workers: Workers
 
 
 class ClassWeights(Section):
     method: Literal["none", "inverse_frequency", "median_frequency"]
-    max_weight: Annotated[float, BeforeValidator(_number), Field(gt=0.0)]
+    max_weight: Real(gt=0.0, le=1e6)
 
 
 class Model(Section):
     backbone: Literal[BACKBONES]  # type: ignore[valid-type]
     weights: str = Field(min_length=1)  # random | dinov2 | path to a checkpoint
     head: Literal["convnext", "multiscale"]
-    head_channels: Positive
-    layers: Positive  # intermediate blocks fused by the multiscale head
-    init_seed: Count  # seed of the random backbone, so train and evaluate build the same one
+    head_channels: Int(1, 4096)
+    layers: Int(1, 40)  # intermediate blocks fused by the multiscale head
+    init_seed: Seed  # seed of the random backbone, so train and evaluate build the same one
     attention: Literal["auto", "sdpa", "matmul"]  # CPU bf16 attention kernel; auto: by the CPU's capabilities
 
 
 class Optimizer(Section):
     name: Literal["sgd", "adamw"]
-    lr: Annotated[float, BeforeValidator(_number), Field(gt=0.0, le=1.0)]
-    momentum: Annotated[float, BeforeValidator(_number), Field(ge=0.0, lt=1.0)]
-    weight_decay: NonNeg
+    lr: Real(gt=0.0, le=1.0)
+    momentum: Real(ge=0.0, lt=1.0)
+    weight_decay: Real(ge=0.0, le=10.0)
 
 
 class Scheduler(Section):
     name: Literal["constant", "cosine"]
-    min_lr: NonNeg
+    min_lr: Real(ge=0.0, le=1.0)
 
 
 class Loss(Section):
     name: Literal["cross_entropy", "focal_dice"]
     class_weighted: bool
-    focal_gamma: NonNeg
-    focal_weight: NonNeg
-    dice_weight: NonNeg
+    focal_gamma: Real(ge=0.0, le=10.0)
+    focal_weight: Real(ge=0.0, le=100.0)
+    dice_weight: Real(ge=0.0, le=100.0)
 
 
 class Affine(Section):
     p: Prob
-    shift: Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=0.5)]
-    scale: Annotated[float, BeforeValidator(_number), Field(ge=0.0, lt=1.0)]
-    rotate: Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=180.0)]
+    shift: Real(ge=0.0, le=0.5)
+    scale: Real(ge=0.0, lt=1.0)
+    rotate: Real(ge=0.0, le=180.0)
 
 
 class Blur(Section):
     p: Prob
-    limit: Annotated[int, Field(ge=3, strict=True)]
+    limit: Int(3, 99)
 
 
 class ColorJitter(Section):
     p: Prob
-    brightness: NonNeg
-    contrast: NonNeg
-    saturation: NonNeg
-    hue: Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=0.5)]
+    brightness: Real(ge=0.0, le=1.0)  # factors drawn from 1 +- this
+    contrast: Real(ge=0.0, le=1.0)
+    saturation: Real(ge=0.0, le=1.0)
+    hue: Real(ge=0.0, le=0.5)
 
 
 class Augment(Section):
@@ -163,29 +177,29 @@ class Augment(Section):
 
 
 class Train(Section):
-    epochs: Positive
-    batch_size: Positive
-    backbone_batch: Count  # images per frozen-backbone forward, in whole train batches (0: one batch)
-    seed: Count
+    epochs: Int(1, 10_000)
+    batch_size: Batch
+    backbone_batch: Int(0, 4096)  # images per frozen-backbone forward, in whole train batches (0: one batch)
+    seed: Seed
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    num_workers: Count
+    num_workers: Workers
     amp: Literal["auto"] | bool  # auto: bf16 where the hardware runs it natively (offroad.runtime.choose_precision)
     amp_dtype: Literal["auto", "bf16", "fp16"]
-    early_stopping_patience: Count  # 0 = off
+    early_stopping_patience: Int(0, 10_000)  # 0 = off
     checkpoint: Literal["best", "final"]
     compile: bool
-    processes: Positive  # per node; above 1 (or nodes above 1) stages.train launches DDP workers
-    nodes: Positive  # machines joining one run through OFFROAD_RDZV_ENDPOINT (README "GPUs")
+    processes: Int(1, 1024)  # per node; above 1 (or nodes above 1) stages.train launches DDP workers
+    nodes: Int(1, 1024)  # machines joining one run through OFFROAD_RDZV_ENDPOINT (README "GPUs")
 
 
 class Evaluate(Section):
     split: Literal["train", "val"]
-    batch_size: Positive
-    examples: Count  # val images kept for the predictions figure
+    batch_size: Batch
+    examples: Int(0, 64)  # val images kept for the predictions figure
 
 
 class Plot(Section):
-    dpi: Positive
+    dpi: Int(10, 600)
 
 
 class Params(Section):
@@ -229,7 +243,7 @@ def _describe(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:
         return msg
-    shown = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"  # a whole section: too long
+    shown = "" if isinstance(err.get("input"), dict) else f" (got {SHORT.repr(err.get('input'))})"  # a section: too long
     return f"'{key}': {msg}{shown}"
 
 

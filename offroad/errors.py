@@ -71,9 +71,9 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(cancel_futures=True)
 
 
-def run_cli(main: Callable[[], None], kept: str = KEPT) -> None:
-    """Run a stage: a PipelineError or an OSError is one `error:` line and exit 1; SIGINT / SIGTERM one
-    `interrupted` line saying what was `kept`, and exit 130 / 143."""
+def run_cli(main: Callable[[], None], kept: str = KEPT, then: str = "`dvc repro` resumes") -> None:
+    """Run a stage or command: a PipelineError or an OSError is one `error:` line and exit 1; SIGINT / SIGTERM
+    one `interrupted` line saying what was `kept` and what to do `then`, and exit 130 / 143."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _interrupt)
     try:
@@ -85,7 +85,7 @@ def run_cli(main: Callable[[], None], kept: str = KEPT) -> None:
         line, code = f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", 1
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        line, code = f"interrupted by {signal.Signals(signum).name}: {kept}; `dvc repro` resumes", 128 + signum
+        line, code = f"interrupted by {signal.Signals(signum).name}: {kept}; {then}", 128 + signum
     # exit with the exception and its frames released: a process pool they hold is then gone before the
     # interpreter's exit hooks (which would wake its dead manager thread and print an ignored error)
     gc.collect()

@@ -18,6 +18,7 @@ import torch
 
 from offroad.config import Train
 from offroad.errors import PipelineError
+from offroad.runtime import launched
 
 RDZV_ENDPOINT = "OFFROAD_RDZV_ENDPOINT"  # host:port of the c10d rendezvous, the same on every node
 RDZV_ID = "OFFROAD_RDZV_ID"  # optional: tells apart several multi-node jobs sharing one endpoint
@@ -29,13 +30,8 @@ class LaunchError(PipelineError):
     pass
 
 
-def is_worker() -> bool:
-    """Started by a launcher (this one or a hand-run torchrun): join its process group."""
-    return "WORLD_SIZE" in os.environ
-
-
 def needed(cfg: Train) -> bool:
-    return cfg.processes * cfg.nodes > 1 and not is_worker()
+    return cfg.processes * cfg.nodes > 1 and not launched()
 
 
 def check(cfg: Train, device: torch.device) -> None:
@@ -51,7 +47,7 @@ def check(cfg: Train, device: torch.device) -> None:
     if cfg.nodes > 1:
         endpoint = os.environ.get(RDZV_ENDPOINT, "")
         host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise LaunchError(f"train.nodes is {cfg.nodes}: set {RDZV_ENDPOINT}=HOST:PORT (the same on every node, "
                               f"HOST one of the nodes), got {endpoint!r}")
 

@@ -14,16 +14,19 @@ import argparse
 import json
 import math
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from offroad import artifacts, bootstrap
 from offroad.errors import PipelineError, run_cli
 
 WORKSPACE = "workspace"
+MAX_RESAMPLES = 100_000  # each resample is an [N] row of draw counts and a [K, K] matrix per side
 
 
 class ReviewError(PipelineError):
@@ -228,14 +231,80 @@ def report(old: Side, new: Side, resamples: int = bootstrap.RESAMPLES, seed: int
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
+def pipeline_paths(dvc_yaml: Path = Path("dvc.yaml")) -> set[Path]:
+    """The files and folders the pipeline reads or writes: dvc.yaml's deps, outs, metrics and plots, the
+    params, dvc.yaml and dvc.lock."""
+    paths = {Path("params.yaml"), dvc_yaml, dvc_yaml.with_suffix(".lock")}
+    try:
+        spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return paths
+    names = list(spec.get("metrics", []))
+    for plot in spec.get("plots", []):  # a path, or {title: {y: {path: columns}}}
+        names += [y for cfg in plot.values() for y in cfg.get("y", {})] if isinstance(plot, dict) else [plot]
+    for stage in (spec.get("stages") or {}).values():
+        for entry in [*stage.get("deps", []), *stage.get("outs", [])]:
+            names.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return paths | {Path(n) for n in names if isinstance(n, str) and "${" not in n}  # templated ones: outs too
+
+
+def _tracked(path: Path) -> bool:
+    try:
+        found = subprocess.run(["git", "ls-files", "--error-unmatch", "--", str(path)], capture_output=True)
+    except OSError:  # no git
+        return False
+    return found.returncode == 0
+
+
+def check_report_out(out: Path | None, force: bool, figures: bool = True) -> None:
+    """A report is never written over a folder, nor, without --force, over a pipeline file or one git tracks
+    (nor its figures folder, OUT_figures/, over either)."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise ReviewError(f"--out {out} is a folder; give a file name such as {out / 'report.md'}")
+    targets = [out, out.parent / f"{out.stem}_figures"] if figures else [out]
+    protected = {p.resolve() for p in pipeline_paths()}
+    for target in targets:
+        resolved = target.resolve()
+        pipeline = any(resolved == p or p in resolved.parents for p in protected)
+        reason = "the pipeline reads or writes it" if pipeline else \
+            "git tracks it" if target.exists() and _tracked(target) else None
+        if reason and not force:
+            raise ReviewError(f"--out {out}: would overwrite {target} ({reason}); choose another file, or add --force")
+
+
+def whole_number(low: int, high: int):
+    """An argparse type: an int in low..high, or one line that says what is wrong."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+    return parse
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    """The options review and ablation share: resampling and where the markdown goes."""
+    parser.add_argument("--resamples", type=whole_number(1, MAX_RESAMPLES), default=bootstrap.RESAMPLES,
+                        help=f"bootstrap resamples of the images (1..{MAX_RESAMPLES}, default {bootstrap.RESAMPLES})")
+    parser.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=bootstrap.SEED,
+                        help=f"seed of the resampling: the same seed gives the same intervals (default {bootstrap.SEED})")
+    parser.add_argument("--force", action="store_true",
+                        help="allow --out over a file git tracks or the pipeline reads or writes")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m offroad.review", description=__doc__.split("\n\n")[0])
     parser.add_argument("old", nargs="?", default="HEAD", help="revision or experiment (default HEAD)")
     parser.add_argument("new", nargs="?", default=WORKSPACE, help="revision, experiment or `workspace` (default)")
     parser.add_argument("--out", type=Path, help="write the markdown here (and the figures beside it), not to stdout")
-    parser.add_argument("--resamples", type=int, default=bootstrap.RESAMPLES)
-    parser.add_argument("--seed", type=int, default=bootstrap.SEED)
+    add_report_args(parser)
     args = parser.parse_args(argv)
+    check_report_out(args.out, args.force)
     text = report(read_side(args.old), read_side(args.new), args.resamples, args.seed, args.out)
     emit(text, args.out, "review")
 
@@ -250,4 +319,4 @@ def emit(text: str, out: Path | None, command: str) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, then="run the same command again")

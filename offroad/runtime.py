@@ -139,10 +139,26 @@ class Run:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
 
 
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set with WORLD_SIZE by a launcher
+
+
+def launched() -> bool:
+    """Whether a launcher (offroad.launch or torchrun) started this process; a WORLD_SIZE without the rest of
+    a launcher's variables is a stray setting, and an error."""
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    missing = [v for v in LAUNCHER_VARS if v not in os.environ]
+    if missing:
+        raise PipelineError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set in the environment without "
+                            f"{', '.join(missing)}: a launcher sets them together; unset WORLD_SIZE to train in "
+                            "one process, or use train.processes")
+    return True
+
+
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the launcher's process group if there is one (offroad.launch or torchrun): nccl on CUDA (the GPU
     of the local rank), gloo on the CPU."""
-    if "WORLD_SIZE" not in os.environ:
+    if not launched():
         return Dist(), device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     local = int(os.environ["LOCAL_RANK"])

@@ -153,11 +153,39 @@ def load_state(path: Path, fp: str, log: Callable[[str], None]) -> State:
     if state.fingerprint != fp:
         log(f"resume: {path} was made with other params, data or code; starting fresh")
         return State(fp)
+    problem = inconsistency(state)
+    if problem:
+        log(f"resume: ignoring {path} ({problem}); starting fresh")
+        return State(fp)
     if state.complete:
         return State(fp)
-    if state.epoch:
-        log(f"resume: continuing after epoch {state.epoch} from {path}")
     return state
+
+
+def inconsistency(state: State) -> str | None:
+    """What makes a resume state unusable (a damaged or hand-edited file), or None."""
+    if not isinstance(state.epoch, int) or state.epoch < 0:
+        return f"epoch {state.epoch!r} is not a count"
+    if not isinstance(state.history, list) or len(state.history) != state.epoch:
+        return f"it holds {len(state.history) if isinstance(state.history, list) else 'no'} history rows for {state.epoch} epochs"
+    if state.epoch and not all(isinstance(x, dict) for x in (state.head, state.best_head, state.optimizer)):
+        return f"epoch {state.epoch} without its head, best head or optimizer state"
+    if not 0 <= state.best_epoch <= state.epoch:
+        return f"best epoch {state.best_epoch} is not one of its {state.epoch} epochs"
+    return None
+
+
+def resume(state: State, model: Segmenter, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> str | None:
+    """Load the state's head, optimizer and loss scale; what does not fit the model (a state from a damaged or
+    hand-edited file), or None."""
+    try:
+        model.head.load_state_dict(state.head)
+        optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
 
 
 def history_row(epoch: int, lr: float, train: Evaluation, val: Evaluation) -> dict:
@@ -266,13 +294,16 @@ def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: Prepared
                             f"rank {dist.rank}: every node needs the same commit and data (`dvc pull` or `dvc repro`)")
     state = dist.from_rank0(lambda: load_state(out.last, fp, log))
     torch.manual_seed(cfg.seed)
+    fresh_head = {k: v.clone() for k, v in model.head.state_dict().items()}
     optimizer = make_optimizer(params, [p for p in head.parameters() if p.requires_grad])
     scaler = run.grad_scaler()
-    if state.head is not None:
-        model.head.load_state_dict(state.head)
-        optimizer.load_state_dict(state.optimizer)
-        if state.scaler:
-            scaler.load_state_dict(state.scaler)
+    if state.head is not None and (problem := resume(state, model, optimizer, scaler)):
+        log(f"resume: ignoring {out.last} ({problem}); starting fresh")
+        model.head.load_state_dict(fresh_head)
+        state = State(fp)
+        optimizer, scaler = make_optimizer(params, [p for p in head.parameters() if p.requires_grad]), run.grad_scaler()
+    elif state.epoch:
+        log(f"resume: continuing after epoch {state.epoch} from {out.last}")
     weights = None if class_weights is None else class_weights.to(run.device)
     loss_fn = build_loss(params.loss, weights, run.ignore_index)
     augment = build_augment(params.augment, run.ignore_index)

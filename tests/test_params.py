@@ -72,6 +72,16 @@ def test_string_numbers_are_floats(raw):
     ("augment.hflip", 1.5, "'augment.hflip': Input should be less than or equal to 1"),
     ("loss.name", "dice", "'loss.name'"),
     ("nonsense", {}, "unknown key 'nonsense'"),
+    # infinities and sizes that would only fail later, as NaN images, `Infinity` in JSON or a huge allocation
+    ("augment.color_jitter.brightness", float("inf"), "'augment.color_jitter.brightness': Input should be less than or equal to 1 (got inf)"),
+    ("augment.color_jitter.brightness", float("nan"), "'augment.color_jitter.brightness': Input should be greater than or equal to 0 (got nan)"),
+    ("optimizer.weight_decay", float("inf"), "'optimizer.weight_decay': Input should be less than or equal to 10 (got inf)"),
+    ("class_weights.max_weight", float("inf"), "'class_weights.max_weight': Input should be less than or equal to 1000000 (got inf)"),
+    ("plot.dpi", 100_000, "'plot.dpi': Input should be less than or equal to 600"),
+    ("train.seed", 10**18, "'train.seed': Input should be less than or equal to 4294967295"),
+    ("synthetic.width", 60_000, "'synthetic.width': Input should be less than or equal to 7680"),
+    ("data.image_size", [476, 266_000], "'data.image_size.1': Input should be less than or equal to 4096"),
+    ("train.epochs", 10**9, "'train.epochs': Input should be less than or equal to 10000"),
 ])
 def test_bad_params_name_the_key(raw, key, value, expected):
     with pytest.raises(ParamsError) as err:
@@ -90,3 +100,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ParamsError, match="expected a mapping"):
         load_params(bad)
+
+
+def test_a_yaml_alias_bomb_gets_a_short_message_at_once(tmp_path):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    bomb = tmp_path / "params.yaml"  # 9**9 strings when expanded, ~3 GB as text
+    bomb.write_text("\n".join(levels) + "\n" + REPO_PARAMS.read_text().replace("seed: 0\n", "seed: *i\n", 1))
+    with pytest.raises(ParamsError) as err:
+        load_params(bomb)
+    assert len(str(err.value)) < 2000 and "'synthetic.seed': Input should be a valid integer" in str(err.value)

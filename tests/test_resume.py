@@ -51,3 +51,40 @@ def test_changed_prepared_pixels_start_a_fresh_run(tiny_dataset, tmp_path, chang
     same = tiny_dataset.train, tiny_dataset.val
     assert "continuing after epoch 1" in interrupted_then_resumed(tmp_path / "same", same, same, params)
     assert "starting fresh" in interrupted_then_resumed(tmp_path / "changed", same, changed, params)
+
+
+def tamper_head(state):
+    state["head"] = {k: torch.zeros(3, *v.shape[1:]) for k, v in state["head"].items()}  # wrong shapes
+
+
+def tamper_epoch(state):
+    state["epoch"] = -1
+
+
+def tamper_history(state):
+    state["history"] = []  # its epoch left in place
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (tamper_head, "RuntimeError: Error(s) in loading state_dict"),
+    (tamper_epoch, "epoch -1 is not a count"),
+    (tamper_history, "it holds 0 history rows for 2 epochs"),
+])
+def test_a_damaged_resume_state_is_ignored_with_its_reason(tiny_dataset, tmp_path, tamper, reason):
+    params = make_params({**TINY, "train.epochs": 2, "train.device": "cpu", "augment.enabled": False,
+                          "loss.class_weighted": False})
+    data = tiny_dataset.train, tiny_dataset.val
+    out = tmp_path / "tampered"
+    interrupted_then_resumed(out, data, data, params)
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["complete"] = False  # as after an interrupt
+    tamper(state)
+    torch.save(state, out / "last.pt")
+    model = build_model(params.model, params.data.num_classes)
+    lines = []
+    fit(model, model.head, params, *data, None, Run.from_params(params, torch.device("cpu")),
+        Outputs(*(out / f"{k}.pt" for k in ("best", "final", "last")), out / "history.csv"), log=lines.append)
+    assert lines[0].startswith(f"resume: ignoring {out / 'last.pt'} (") and reason in lines[0]
+    assert lines[0].endswith("; starting fresh")
+    assert len((out / "history.csv").read_text().splitlines()) == 1 + 2  # both epochs, from the start
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2

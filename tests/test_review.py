@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offroad import bootstrap, review
+from offroad import ablation, bootstrap, review
 from offroad.errors import PipelineError
 from tests.conftest import copy_project, run_dvc
 
@@ -145,3 +145,36 @@ def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):
 
     with pytest.raises(PipelineError, match="no-such-rev: cannot read its params and metrics"):
         review.main(["no-such-rev"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resamples", "0"], "argument --resamples: 0 is outside 1..100000"),
+    (["--resamples", "-5"], "argument --resamples: -5 is outside 1..100000"),
+    (["--resamples", "4e8"], "argument --resamples: '4e8' is not a whole number"),
+    (["--seed", "-1"], "argument --seed: -1 is outside 0..4294967295"),
+])
+@pytest.mark.parametrize("command", [review.main, ablation.main])
+def test_resampling_options_out_of_range_get_one_line(command, args, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        command(args)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_reports_never_overwrite_pipeline_or_tracked_files_unless_forced(rerun, tmp_path, monkeypatch):
+    repo = copy_project(rerun[0], tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    before = {p: p.read_bytes() for p in (Path("metrics/per_image_confusion.csv"), Path("metrics/evaluate.json"))}
+    for command, out, reason in ((review.main, "metrics/per_image_confusion.csv", "the pipeline reads or writes it"),
+                                 (ablation.main, "metrics/evaluate.json", "the pipeline reads or writes it"),
+                                 (review.main, "plots/images/report.md", "the pipeline reads or writes it"),
+                                 (review.main, ".gitignore", "git tracks it")):
+        with pytest.raises(PipelineError, match=f"--out {re.escape(out)}: would overwrite .*\\({reason}\\)"):
+            command(["HEAD", "--out", out] if command is review.main else ["--out", out])
+    with pytest.raises(PipelineError, match="--out plots is a folder"):
+        review.main(["HEAD", "--out", "plots"])
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(Path(".").glob("**/*_figures/*"))  # refused before anything was written
+
+    review.main(["HEAD", "--out", ".gitignore", "--force"])
+    assert Path(".gitignore").read_text().startswith("## Review: `HEAD`")

@@ -4,8 +4,10 @@ import os
 import pytest
 import torch
 
+from offroad import launch
 from offroad.errors import PipelineError
-from offroad.runtime import autocast, configure_cpu, resolve_device
+from offroad.runtime import LAUNCHER_VARS, autocast, configure_cpu, init_distributed, resolve_device
+from tests.conftest import make_params
 
 
 def test_auto_device_falls_back_to_the_cpu(monkeypatch):
@@ -50,3 +52,22 @@ def test_configure_cpu_flushes_denormals():
     finally:
         torch.set_flush_denormal(False)
     assert (torch.full((4,), 1e-30) * 1e-10 > 0).all()  # the same product, kept as a denormal
+
+
+def test_a_stray_world_size_is_named_not_joined(monkeypatch):
+    for name in ("WORLD_SIZE", *LAUNCHER_VARS):
+        monkeypatch.delenv(name, raising=False)
+    assert init_distributed(torch.device("cpu"))[0].world == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(PipelineError, match="WORLD_SIZE=1 is set in the environment without RANK, LOCAL_RANK, "
+                                            "MASTER_ADDR, MASTER_PORT: .* unset WORLD_SIZE"):
+        init_distributed(torch.device("cpu"))
+    with pytest.raises(PipelineError, match="WORLD_SIZE=1 is set"):
+        launch.needed(make_params({"train.processes": 2}).train)
+
+
+@pytest.mark.parametrize("endpoint", ["node0:70000", "node0:0", "node0", ":29500", "node0:port"])
+def test_a_multi_node_endpoint_needs_a_host_and_a_port(monkeypatch, endpoint):
+    monkeypatch.setenv(launch.RDZV_ENDPOINT, endpoint)
+    with pytest.raises(launch.LaunchError, match=f"set {launch.RDZV_ENDPOINT}=HOST:PORT .* got '{endpoint}'"):
+        launch.check(make_params({"train.nodes": 2}).train, torch.device("cpu"))
