@@ -18,7 +18,7 @@ from bench.backbone import matmul_gflops
 from bench.train_step import with_changes
 from offroad.artifacts import PreparedSplit
 from offroad.config import load_params
-from offroad.evaluation import evaluate, image_features
+from offroad.evaluation import Scoring, evaluate, image_features
 from offroad.losses import build_loss
 from offroad.runtime import Run, configure_cpu, resolve_device
 from offroad.segmenter import build_model, place
@@ -46,8 +46,8 @@ def main() -> None:
     loss_fn = build_loss(params.loss, torch.ones(data.num_classes, device=device), data.ignore_index)
 
     def run(s: PreparedSplit) -> None:
-        evaluate(segmenter, image_features(segmenter, s.images, run_), s.masks, np.arange(len(s)), batch, loss_fn,
-                 None, run_)
+        evaluate(segmenter, loss_fn, Scoring(image_features(segmenter, s.images, run_), s.masks, np.arange(len(s)),
+                                             batch), run_)
 
     run(PreparedSplit(split.images[:batch], split.masks[:batch], split.names[:batch]))  # warm-up
     if device.type == "cuda":

@@ -27,19 +27,16 @@ import torch
 from bench.backbone import best_seconds, matmul_gflops
 from offroad.artifacts import PreparedSplit, load_split
 from offroad.augment import build_augment
-from offroad.config import Params, load_params, validate
+from offroad.config import Params, apply_overrides, load_params, validate
 from offroad.data import SegmentationDataset
 from offroad.runtime import Run, configure_cpu, resolve_device
 from offroad.segmenter import build_model, place
-from offroad.training import Outputs, batches_per_forward, fit
+from offroad.training import Outputs, RunInputs, batches_per_forward, fit
 
 
 def with_changes(params: Params, changes: dict[str, Any]) -> Params:
-    raw = params.model_dump(mode="json")
-    for key, value in changes.items():
-        section, name = key.split(".")
-        raw[section][name] = value
-    return validate(raw, "bench params")
+    """`params` with dotted-key changes ({"train.epochs": 3}), validated."""
+    return validate(apply_overrides(params.model_dump(mode="json"), changes), "bench params")
 
 
 def splits(prepared: Path, params: Params) -> tuple[PreparedSplit, PreparedSplit, str]:
@@ -75,7 +72,7 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     stamps = [(time.perf_counter(), 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Outputs(*(Path(tmp) / f"{k}.pt" for k in ("best", "final", "last")), Path(tmp) / "h.csv")
-        fit(model, model.head, params, train, val, weights, run, out,
+        fit(model, params, RunInputs(train, val, weights), run, out,
             log=lambda _: stamps.append((time.perf_counter(), backbone[0])))
     (t1, b1), (t2, b2) = stamps[1], stamps[-1]
     return len(train) * (len(stamps) - 2) / (t2 - t1), (b2 - b1) / (t2 - t1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offroad import bootstrap, review
+from offroad import bootstrap, metrics, review
 from offroad.errors import run_cli
 
 ARGS = Path("experiments/ablation")
@@ -27,6 +27,16 @@ CLAIMED = {"adamw": "~40 %", "epochs": "~30 %", "augment": "~20 %", "class_weigh
 
 def default_parts() -> list[str]:
     return [f"no-{p.stem}" for p in sorted(ARGS.glob("*.args"))]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """What the table compares and how: the Phase 2 and Phase 1 runs, the score, the bootstrap's draws."""
+    full: str
+    base: str
+    score: str = "miou"
+    resamples: int = bootstrap.RESAMPLES
+    seed: int = bootstrap.SEED
 
 
 @dataclass
@@ -63,8 +73,8 @@ def table(full: review.Side, base: review.Side, parts: list[review.Side], score:
     """The rows, and the whole gain {"full", "base", "gain": (point, low, high), "images", "sum": (...)}."""
     cms = common_images([full, base, *parts])
     weights = bootstrap.resample_weights(len(cms[0]), resamples, seed)
-    point = [float(bootstrap.scores(c.sum(0))[score]) for c in cms]
-    boot = [bootstrap.scores(bootstrap.resampled(c, weights))[score] for c in cms]
+    point = [float(metrics.dataset_scores(c.sum(0))[score]) for c in cms]
+    boot = [metrics.dataset_scores(bootstrap.resampled(c, weights))[score] for c in cms]
     gain, gain_boot = point[0] - point[1], boot[0] - boot[1]
     rows, shares = [], []
     for side, p, b in zip(parts, point[2:], boot[2:]):
@@ -92,7 +102,8 @@ def verdict(lost: tuple[float, float, float]) -> str:
     return "needed" if lost[1] > 0 else "reverting it helps" if lost[2] < 0 else "within noise"
 
 
-def markdown(rows: list[Row], whole: dict, full: str, base: str, score: str, resamples: int, seed: int) -> str:
+def markdown(rows: list[Row], whole: dict, compared: Compared) -> str:
+    full, base, score = compared.full, compared.base, compared.score
     gain = whole["gain"]
     lines = [f"Phase 2 (`{full}`) {score} {whole['full']:.4f}, Phase 1 (`{base}`) {whole['base']:.4f}: gain "
              f"{gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}].", ""]
@@ -109,8 +120,8 @@ def markdown(rows: list[Row], whole: dict, full: str, base: str, score: str, res
     lines += review.md_table(header, body)
     noise = "" if gain[1] > 0 else (" The gain itself is within noise here, so no share can be told from 0 or "
                                     "from 100 %.")
-    lines += ["", f"Paired bootstrap over the {whole['images']} val images every run scored ({resamples} "
-              f"resamples, seed {seed}). *needed*: reverting the part loses {score} beyond noise (the whole "
+    lines += ["", f"Paired bootstrap over the {whole['images']} val images every run scored ({compared.resamples} "
+              f"resamples, seed {compared.seed}). *needed*: reverting the part loses {score} beyond noise (the whole "
               f"interval of the loss is above 0).{noise}"]
     return "\n".join(lines) + "\n"
 
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="phase1", help="the Phase 1 run (default: the experiment phase1)")
     parser.add_argument("--parts", nargs="+", help="the ablation experiments (default: no-NAME for each "
                                                     f"{ARGS}/NAME.args)")
-    parser.add_argument("--score", default="miou", choices=bootstrap.SCORES)
+    parser.add_argument("--score", default="miou", choices=metrics.SCORES)
     parser.add_argument("--out", type=Path, help="write the markdown here, not to stdout")
     review.add_report_args(parser)
     args = parser.parse_args(argv)
@@ -129,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parts = args.parts or default_parts()
     full, base, *ablated = (review.read_side(rev, figures=False) for rev in (args.full, args.base, *parts))
     rows, whole = table(full, base, ablated, args.score, args.resamples, args.seed)
-    review.emit(markdown(rows, whole, args.full, args.base, args.score, args.resamples, args.seed), args.out,
-                "ablation")
+    compared = Compared(args.full, args.base, args.score, args.resamples, args.seed)
+    review.emit(markdown(rows, whole, compared), args.out, "ablation")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The contract between stages: each file one stage writes and another reads, with its path, its writer
-and its reader in one place. dvc.yaml names the same paths (tests/test_architecture.py checks it)."""
+and its reader in one place. dvc.yaml declares the same paths as stage outputs (tests/test_dvc_workflow.py checks
+it)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from offroad.atomic import atomic_dir, atomic_path, check_writable, save_torch, write_json, write_text  # noqa: F401
+from offroad.atomic import atomic_dir, atomic_path, write_json, write_text
 from offroad.config import Data
 from offroad.errors import PipelineError
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-SCORES = ("miou", "mdice", "pixel_accuracy", "mean_class_accuracy")  # all higher-is-better
+from offroad.metrics import SCORES, dataset_scores
+
 RESAMPLES = 1000
 SEED = 0
 LEVEL = 0.95
@@ -28,28 +29,6 @@ def resampled(per_image: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weights @ per_image.reshape(n, k * k).astype(np.float64)).reshape(-1, k, k)
 
 
-def scores(cms: np.ndarray) -> dict[str, np.ndarray]:
-    """Each of SCORES for a stack of confusion matrices [..., K, K] (rows = truth); NaN where undefined."""
-    cms = np.asarray(cms, dtype=np.float64)
-    tp = np.diagonal(cms, axis1=-2, axis2=-1)
-    gt, pr = cms.sum(-1), cms.sum(-2)
-    present = gt > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(present, tp / (gt + pr - tp), np.nan)
-        dice = np.where(present, 2 * tp / (gt + pr), np.nan)
-        recall = np.where(present, tp / gt, np.nan)
-        total = gt.sum(-1)
-        accuracy = np.where(total > 0, tp.sum(-1) / total, np.nan)
-    return {"miou": _class_mean(iou), "mdice": _class_mean(dice), "pixel_accuracy": accuracy,
-            "mean_class_accuracy": _class_mean(recall)}
-
-
-def _class_mean(values: np.ndarray) -> np.ndarray:
-    counted = (~np.isnan(values)).sum(-1)
-    with np.errstate(invalid="ignore"):
-        return np.where(counted > 0, np.nansum(values, -1) / counted, np.nan)
-
-
 def _bounds(samples: np.ndarray, level: float) -> tuple[float, float]:
     low, high = np.nanquantile(samples, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
@@ -61,7 +40,7 @@ def intervals(per_image: np.ndarray, resamples: int = RESAMPLES, seed: int = SEE
     per_image = np.asarray(per_image)
     if len(per_image) == 0:
         return {s: (float("nan"), float("nan")) for s in SCORES}
-    boot = scores(resampled(per_image, resample_weights(len(per_image), resamples, seed)))
+    boot = dataset_scores(resampled(per_image, resample_weights(len(per_image), resamples, seed)))
     return {s: _bounds(boot[s], level) for s in SCORES}
 
 
@@ -81,8 +60,8 @@ def paired(old: np.ndarray, new: np.ndarray, resamples: int = RESAMPLES, seed: i
     if old.shape != new.shape or old.ndim != 3 or len(old) == 0:
         raise ValueError(f"paired: per-image matrices of shapes {old.shape} and {new.shape} do not pair up")
     weights = resample_weights(len(old), resamples, seed)
-    boot_old, boot_new = scores(resampled(old, weights)), scores(resampled(new, weights))
-    point_old, point_new = scores(old.sum(0)), scores(new.sum(0))
+    boot_old, boot_new = dataset_scores(resampled(old, weights)), dataset_scores(resampled(new, weights))
+    point_old, point_new = dataset_scores(old.sum(0)), dataset_scores(new.sum(0))
     result = {}
     for s in SCORES:
         low, high = _bounds(boot_new[s] - boot_old[s], level)

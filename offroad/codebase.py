@@ -1,11 +1,12 @@
 """The project's own source files a module depends on, found from its imports.
 
 dvc.yaml lists these files as each stage's code deps (tests check it), and the train stage hashes them
-into its resume fingerprint, so both see the same code.
+(source_digest) into its resume fingerprint, so both see the same code.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +42,11 @@ def import_closure(module: str) -> list[Path]:
             seen.add(current)
             todo += _imports(current)
     return sorted(module_file(m) for m in seen)
+
+
+def source_digest(module: str) -> str:
+    """sha256 of the files of `module`'s import closure: changes whenever the code it runs changes."""
+    h = hashlib.sha256()
+    for f in import_closure(module):
+        h.update((ROOT / f).read_bytes())
+    return h.hexdigest()

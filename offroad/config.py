@@ -2,11 +2,13 @@
 
 Every stage calls `load_params()`; an unknown key, a wrong type or an out-of-range value
 fails with a `ParamsError` naming the key. Numbers written as `5e-4` (a string to PyYAML)
-are accepted as floats.
+are accepted as floats. Overrides (`key.path=value`) change a params mapping as `dvc exp run -S` does.
 """
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,7 +32,7 @@ class ParamsError(PipelineError):
     pass
 
 
-def _number(value: Any) -> Any:
+def _to_number(value: Any) -> Any:
     # YAML 1.1 reads `5e-4` as a string; bools are not numbers here.
     if isinstance(value, bool):
         raise ValueError("expected a number")
@@ -44,7 +46,7 @@ def _number(value: Any) -> Any:
 
 def Real(**bounds) -> Any:
     """A finite float within `bounds` (pydantic's ge/gt/le/lt); numbers written `5e-4` are accepted."""
-    return Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False, **bounds)]
+    return Annotated[float, BeforeValidator(_to_number), Field(allow_inf_nan=False, **bounds)]
 
 
 def Int(low: int, high: int) -> Any:
@@ -269,3 +271,38 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return validate(raw, str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value`, as `dvc exp run -S` takes it, as (key.path, value): the value parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"\+?\w+(\.\w+)*", key):
+        raise ParamsError(f"not a `key.path=value` override: {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def read_overrides(path: str | Path) -> dict[str, Any]:
+    """An overrides file (experiments/*.args: one `-S key.path=value` per line, for `dvc exp run $(cat FILE)`)
+    as {key.path: value}."""
+    overrides = {}
+    for line in filter(str.strip, Path(path).read_text().splitlines()):  # blank lines: none for the shell either
+        if not re.fullmatch(r"-S \S+", line):
+            raise ParamsError(f"{path}: not a `-S key=value` line: {line!r}")
+        key, value = parse_override(line.removeprefix("-S "))
+        overrides[key] = value
+    return overrides
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any], source: str = "params") -> dict:
+    """A copy of the params mapping `raw` with each dotted key of `overrides` set to its value. As with
+    `dvc exp run -S`, the key must be there already; `+key.path` adds one."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        *parents, last = key.removeprefix("+").split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or (last not in node and not key.startswith("+")):
+            raise ParamsError(f"no param {key} in {source}")
+        node[last] = value
+    return raw

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 from offroad.artifacts import PreparedSplit, write_split
 from offroad.config import Data
-from offroad.errors import check_interrupt, worker_pool
+from offroad.errors import check_interrupt, warn, worker_pool
 from offroad.raw import DataError, find_split, list_pairs, read_image, read_mask
 
 UNKNOWN = -1  # class_lut value of a raw id that data.classes does not map
@@ -98,7 +97,7 @@ def warn_about_sizes(folder: Path, names: list[str], sizes: list[tuple[int, int]
                         (stretched, "of an aspect ratio more than 25 % off data.image_size's, so they are stretched")):
         if found:
             shown = ", ".join(f"{n} ({s[0]}x{s[1]})" for n, s in found[:3]) + (" ..." if len(found) > 3 else "")
-            print(f"warning: {len(found)} image(s) in {folder} are {what} to {w}x{h}: {shown}", file=sys.stderr)
+            warn(f"{len(found)} image(s) in {folder} are {what} to {w}x{h}: {shown}")
 
 
 def list_splits(root: str | Path, splits: tuple[str, ...]) -> dict[str, list[tuple[str, Path, Path]]]:
@@ -109,8 +108,8 @@ def list_splits(root: str | Path, splits: tuple[str, ...]) -> dict[str, list[tup
             shared = sorted({n for n, _, _ in pairs[a]} & {n for n, _, _ in pairs[b]})
             if shared:
                 shown = ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else "")
-                print(f"warning: {len(shared)} image name(s) are in both the {a} and the {b} split of {root}: {shown} "
-                      f"(the {b} scores are optimistic if they are the same images)", file=sys.stderr)
+                warn(f"{len(shared)} image name(s) are in both the {a} and the {b} split of {root}: {shown} "
+                     f"(the {b} scores are optimistic if they are the same images)")
     return pairs
 
 
@@ -137,21 +136,18 @@ def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data,
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """(image uint8 [H, W, 3], mask int64 [H, W], index) for a key `index` or `(epoch, index)`;
+    """(image uint8 [H, W, 3], mask int64 [H, W], index) for a key `(epoch, index)` or `index` (epoch 0);
     `augment(image, mask, seed=...)` is seeded from (seed, epoch, index), so samples depend neither on the
     worker count nor on the order. Keys carry the epoch so that persistent workers need no update."""
 
     def __init__(self, split: PreparedSplit, augment: Callable | None = None, seed: int = 0):
-        self.split, self.augment, self.seed, self.epoch = split, augment, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.split, self.augment, self.seed = split, augment, seed
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         image, mask = np.array(self.split.images[i]), np.array(self.split.masks[i])
         if self.augment is not None:
             item_seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])

@@ -57,7 +57,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:  # start the workers now, interrupts held back: Python's at-fork hooks would swallow them
-        pool = ProcessPoolExecutor(workers, initializer=worker_init)
+        pool = ProcessPoolExecutor(workers, initializer=worker_init, initargs=(os.getpid(),))
         pool.submit(int).result()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -93,13 +93,20 @@ def run_cli(main: Callable[[], None], kept: str = KEPT, then: str = "`dvc repro`
     sys.exit(code)
 
 
-def worker_init() -> None:
-    """Initializer of a stage's worker processes. Ctrl-C and a SIGTERM to the process group reach the workers
-    too, but only the stage handles them (it then shuts its pool down); a worker ends when the stage dies,
-    even by SIGKILL."""
+def worker_init(stage: int) -> None:
+    """Initializer of a stage's worker processes (`stage`: its pid). Ctrl-C and a SIGTERM to the process group
+    reach the workers too, but only the stage handles them (it then shuts its pool down); a worker ends when
+    the stage dies, even by SIGKILL."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the stage died before prctl took effect
-            os._exit(1)
+    die_with_parent(stage)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process (SIGKILL) when its parent, pid `parent`, dies (Linux only); exit at
+    once if it has died already."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)

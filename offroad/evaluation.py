@@ -14,11 +14,22 @@ import numpy as np
 import torch
 
 from offroad import metrics
-from offroad.losses import pixel_weight
+from offroad.losses import PixelLoss
 from offroad.runtime import Run
 from offroad.segmenter import Segmenter, predicted_labels
 
 Features = Callable[[np.ndarray], torch.Tensor]  # image indices -> backbone features
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The images to score: their features and masks, this process's share of them, and how many
+    predictions to keep (the first `keep` of the share)."""
+    features: Features
+    masks: np.ndarray
+    idx: np.ndarray
+    batch_size: int
+    keep: int = 0
 
 
 @dataclass
@@ -43,30 +54,29 @@ def image_features(model: Segmenter, images: np.ndarray, run: Run) -> Features:
     return lambda idx: eval_features(model, images[idx], run)
 
 
-def evaluate(model: Segmenter, features: Features, masks: np.ndarray, idx: np.ndarray, batch_size: int,
-             loss_fn: torch.nn.Module, class_weights: torch.Tensor | None, run: Run, keep: int = 0) -> Evaluation:
-    """Score `model` on the images `idx` (this process's share), all-reduced over the process group."""
+def evaluate(model: Segmenter, loss_fn: PixelLoss, images: Scoring, run: Run) -> Evaluation:
+    """Score `model` on this process's share of `images`, all-reduced over the process group."""
     model.eval()
-    cm = torch.zeros(run.num_classes, run.num_classes, dtype=torch.long, device=run.device)
+    K = run.num_classes
+    cm = torch.zeros(K, K, dtype=torch.long, device=run.device)
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # weighted loss, weight
     preds, per_image = [], []
     with torch.inference_mode():
-        for start in range(0, len(idx), batch_size):
-            b = idx[start:start + batch_size]
-            target = torch.from_numpy(np.asarray(masks[b])).to(run.device).long()
+        for start in range(0, len(images.idx), images.batch_size):
+            b = images.idx[start:start + images.batch_size]
+            target = torch.from_numpy(np.asarray(images.masks[b])).to(run.device).long()
             with run.autocast():
-                logits = model.decode(features(b), target.shape[-2:])
-            weight = pixel_weight(target, class_weights, run.ignore_index)
+                logits = model.decode(images.features(b), target.shape[-2:])
+            weight = loss_fn.pixel_weight(target)
             # a batch without labelled pixels has a NaN mean loss and weight 0: it adds nothing
             sums += torch.stack([torch.where(weight > 0, loss_fn(logits.float(), target) * weight, 0.0), weight])
             pred = predicted_labels(logits)
-            cms = metrics.image_confusion_matrices(pred, target, run.num_classes, run.ignore_index)
+            cms = metrics.image_confusion_matrices(pred, target, K, run.ignore_index)
             cm += cms.sum(0)
             per_image.append(cms.cpu())
-            if start < keep:
-                preds.append(pred[:keep - start].to(torch.uint8).cpu())
+            if start < images.keep:
+                preds.append(pred[:images.keep - start].to(torch.uint8).cpu())
     loss, weight = run.dist.sum(sums).tolist()
-    kept = torch.cat(preds).numpy() if preds else np.zeros((0, *masks.shape[1:]), np.uint8)
-    k = run.num_classes
-    images = torch.cat(per_image).numpy() if per_image else np.zeros((0, k, k), np.int64)
-    return Evaluation(loss / weight if weight else math.nan, run.dist.sum(cm).cpu(), kept, images)
+    kept = torch.cat(preds).numpy() if preds else np.zeros((0, *images.masks.shape[1:]), np.uint8)
+    per_image = torch.cat(per_image).numpy() if per_image else np.zeros((0, K, K), np.int64)
+    return Evaluation(loss / weight if weight else math.nan, run.dist.sum(cm).cpu(), kept, per_image)

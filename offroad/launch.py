@@ -7,7 +7,6 @@ assigned by it. A worker that fails stops them all (no restarts) and the launche
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -17,13 +16,12 @@ import uuid
 import torch
 
 from offroad.config import Train
-from offroad.errors import PipelineError
+from offroad.errors import PipelineError, die_with_parent
 from offroad.runtime import launched
 
 RDZV_ENDPOINT = "OFFROAD_RDZV_ENDPOINT"  # host:port of the c10d rendezvous, the same on every node
 RDZV_ID = "OFFROAD_RDZV_ID"  # optional: tells apart several multi-node jobs sharing one endpoint
 LAUNCHER_PID = "OFFROAD_LAUNCHER_PID"  # set for the workers: they die with the launcher
-PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(PipelineError):
@@ -107,8 +105,4 @@ def die_with_launcher() -> None:
     if launcher is None:
         return
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != int(launcher):  # it died before prctl
-        os._exit(1)
+    die_with_parent(int(launcher))

@@ -9,19 +9,27 @@ from offroad.config import Loss
 from offroad.errors import PipelineError
 
 
-class CrossEntropy(nn.Module):
-    """Mean over non-ignored pixels, weighted by class as nn.CrossEntropyLoss does; computed in fp32."""
+class PixelLoss(nn.Module):
+    """A batch's mean loss over its labelled pixels, with the class weights that weight the mean."""
 
     def __init__(self, weight: Tensor | None, ignore_index: int):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.ignore_index = ignore_index
 
+    def pixel_weight(self, target: Tensor) -> Tensor:
+        """The normaliser of this loss's mean over `target` (see `pixel_weight`)."""
+        return pixel_weight(target, self.weight, self.ignore_index)
+
+
+class CrossEntropy(PixelLoss):
+    """Mean over non-ignored pixels, weighted by class as nn.CrossEntropyLoss does; computed in fp32."""
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index)
 
 
-class FocalDice(nn.Module):
+class FocalDice(PixelLoss):
     """focal_weight * focal + dice_weight * (1 - soft Dice).
 
     Focal: sum of alpha_t (1 - p_t)^gamma (-log p_t) over non-ignored pixels divided by the sum of alpha_t
@@ -32,9 +40,8 @@ class FocalDice(nn.Module):
 
     def __init__(self, weight: Tensor | None, ignore_index: int, gamma: float, focal_weight: float,
                  dice_weight: float):
-        super().__init__()
-        self.register_buffer("weight", weight, persistent=False)
-        self.ignore_index, self.gamma = ignore_index, gamma
+        super().__init__(weight, ignore_index)
+        self.gamma = gamma
         self.focal_weight, self.dice_weight = focal_weight, dice_weight
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -57,7 +64,7 @@ class FocalDice(nn.Module):
         return self.focal_weight * focal + self.dice_weight * dice_loss
 
 
-def build_loss(loss: Loss, class_weights: Tensor | None, ignore_index: int) -> nn.Module:
+def build_loss(loss: Loss, class_weights: Tensor | None, ignore_index: int) -> PixelLoss:
     """Module (logits [B, K, H, W], target int64 [B, H, W]) -> scalar; class weights used iff loss.class_weighted."""
     if loss.class_weighted and class_weights is None:
         raise PipelineError("loss.class_weighted is true but no class weights were given")

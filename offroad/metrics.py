@@ -1,4 +1,6 @@
-"""Dataset-level segmentation metrics from one confusion matrix (DESIGN.md §5).
+"""Dataset-level segmentation metrics: every score comes from one confusion matrix summed over all images, never
+from a mean of per-batch scores as the reference script takes them (a batch's few pixels of a class then weigh
+as much as the whole split's; tests/test_metrics.py shows the difference).
 
 Rows of the matrix are ground truth, columns predictions. A class absent from the ground truth
 has no IoU/Dice/precision/recall (None) and is left out of every mean.
@@ -10,7 +12,8 @@ import math
 import numpy as np
 import torch
 
-SCORES = ("iou", "dice", "precision", "recall")
+SCORES = ("miou", "mdice", "pixel_accuracy", "mean_class_accuracy")  # dataset-level, all higher-is-better
+CLASS_SCORES = ("iou", "dice", "precision", "recall")
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -38,13 +41,15 @@ def image_confusion_matrices(pred: torch.Tensor, target: torch.Tensor, num_class
     raise ValueError(f"confusion_matrix: class ids outside 0..{k - 1} (and not ignore_index {ignore_index})")
 
 
-def _per_class(cm) -> dict[str, np.ndarray]:
-    """Per-class scores as float arrays, NaN where the class is absent from the ground truth."""
-    cm = cm.cpu().numpy() if isinstance(cm, torch.Tensor) else np.asarray(cm)
-    cm = cm.astype(np.float64)
-    tp = np.diag(cm)
-    gt = cm.sum(1)
-    pr = cm.sum(0)
+def class_scores(cms) -> dict[str, np.ndarray]:
+    """Per-class scores of a confusion matrix [K, K] or a stack of them [..., K, K], as float64 arrays [..., K]:
+    NaN where the class is absent from the ground truth; also "pixel_share" [..., K] and "pixel_accuracy" [...]
+    (NaN for an empty matrix)."""
+    cms = cms.cpu().numpy() if isinstance(cms, torch.Tensor) else np.asarray(cms)
+    cms = cms.astype(np.float64)
+    tp = np.diagonal(cms, axis1=-2, axis2=-1)
+    gt, pr = cms.sum(-1), cms.sum(-2)
+    total = gt.sum(-1)
     present = gt > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = {
@@ -53,15 +58,24 @@ def _per_class(cm) -> dict[str, np.ndarray]:
             "precision": np.where(pr > 0, tp / pr, 0.0),  # present but never predicted: 0
             "recall": tp / gt,
         }
-    scores = {name: np.where(present, s, np.nan) for name, s in scores.items()}
-    total = cm.sum()
-    scores["pixel_share"] = gt / total if total else np.zeros_like(gt)
-    scores["pixel_accuracy"] = np.array(tp.sum() / total if total else np.nan)
+        scores = {name: np.where(present, s, np.nan) for name, s in scores.items()}
+        scores["pixel_share"] = np.where(total[..., None] > 0, gt / total[..., None], 0.0)
+        scores["pixel_accuracy"] = np.where(total > 0, tp.sum(-1) / total, np.nan)
     return scores
 
 
-def _mean(values: np.ndarray) -> float:
-    return float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
+def class_mean(values: np.ndarray) -> np.ndarray:
+    """The mean over the last axis (the classes) of the values that are not NaN; NaN where all are."""
+    counted = (~np.isnan(values)).sum(-1)
+    with np.errstate(invalid="ignore"):
+        return np.where(counted > 0, np.nansum(values, -1) / counted, np.nan)
+
+
+def dataset_scores(cms) -> dict[str, np.ndarray]:
+    """Each of SCORES for a confusion matrix [K, K] or a stack of them [..., K, K]; NaN where undefined."""
+    s = class_scores(cms)
+    return {"miou": class_mean(s["iou"]), "mdice": class_mean(s["dice"]), "pixel_accuracy": s["pixel_accuracy"],
+            "mean_class_accuracy": class_mean(s["recall"])}
 
 
 def _or_none(x: float) -> float | None:
@@ -70,25 +84,20 @@ def _or_none(x: float) -> float | None:
 
 def epoch_scores(cm) -> tuple[float, float, float]:
     """(mIoU, mDice, pixel accuracy) as floats; NaN when the matrix is empty."""
-    s = _per_class(cm)
-    return _mean(s["iou"]), _mean(s["dice"]), float(s["pixel_accuracy"])
+    s = dataset_scores(cm)
+    return float(s["miou"]), float(s["mdice"]), float(s["pixel_accuracy"])
 
 
 def summarize(cm, class_names: list[str]) -> dict:
-    s = _per_class(cm)
+    """SCORES and the per-class scores of one confusion matrix [K, K], None where undefined."""
+    s = class_scores(cm)
     if len(class_names) != len(s["iou"]):
         raise ValueError(f"summarize: {len(class_names)} class names for a {len(s['iou'])}-class matrix")
     per_class = {
-        name: {**{k: _or_none(s[k][i]) for k in SCORES}, "pixel_share": float(s["pixel_share"][i])}
+        name: {**{k: _or_none(s[k][i]) for k in CLASS_SCORES}, "pixel_share": float(s["pixel_share"][i])}
         for i, name in enumerate(class_names)
     }
-    return {
-        "miou": _or_none(_mean(s["iou"])),
-        "mdice": _or_none(_mean(s["dice"])),
-        "pixel_accuracy": _or_none(float(s["pixel_accuracy"])),
-        "mean_class_accuracy": _or_none(_mean(s["recall"])),
-        "per_class": per_class,
-    }
+    return {**{name: _or_none(float(v)) for name, v in dataset_scores(cm).items()}, "per_class": per_class}
 
 
 def rounded(obj, digits: int = 5):

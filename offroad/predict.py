@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from offroad import artifacts
+from offroad import artifacts, atomic
 from offroad.config import load_params
 from offroad.data import class_lut, map_mask, resize_area, resize_labels
 from offroad.errors import PipelineError, run_cli
@@ -56,7 +56,7 @@ def check_out(out: Path, inputs: list[Path]) -> None:
         clash = [p for p in inputs if p.resolve() == sub.resolve()]
         if clash:
             raise PredictError(f"--out {out}: {sub} is the input folder {clash[0]}; its files would be overwritten")
-    artifacts.check_writable(out / "masks", out / "overlays", out / "metrics.json")
+    atomic.check_writable(out / "masks", out / "overlays", out / "metrics.json")
 
 
 def mask_paths(images: list[Path], masks_dir: Path) -> list[Path]:
@@ -85,7 +85,7 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise PredictError(f"{path}: PNG encoding failed")
-    with artifacts.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
 
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"predict: wrote {len(images)} masks and overlays to {args.out}/ using {checkpoint}")
     if masks:
         summary = summarize(cm, names)
-        artifacts.write_json(args.out / "metrics.json",
+        atomic.write_json(args.out / "metrics.json",
                              rounded({"checkpoint": str(checkpoint), "images": len(images), **summary}))
         print(f"scored against {masks_dir}:\n{format_summary(summary)}", end="")
 

@@ -6,13 +6,12 @@ single-channel raw class ids), optionally one folder deeper.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from offroad.errors import PipelineError
+from offroad.errors import PipelineError, warn
 
 IMAGES, MASKS = "Color_Images", "Segmentation"
 
@@ -44,7 +43,7 @@ def _pngs(folder: Path) -> dict[str, Path]:
         raise DataError(f"{folder}: {len(undecodable)} file name(s) are not valid UTF-8: {shown}; rename them")
     stray = [p.name for p in files if p.suffix.lower() != ".png"]
     if stray:
-        print(f"warning: ignoring {len(stray)} non-PNG file(s) in {folder}: {', '.join(stray[:5])}", file=sys.stderr)
+        warn(f"ignoring {len(stray)} non-PNG file(s) in {folder}: {', '.join(stray[:5])}")
     return {p.name: p for p in files if p.suffix.lower() == ".png"}
 
 

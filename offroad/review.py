@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from offroad import artifacts, bootstrap
+from offroad import artifacts, atomic, bootstrap
 from offroad.errors import PipelineError, run_cli
+from offroad.metrics import SCORES
 
 WORKSPACE = "workspace"
 MAX_RESAMPLES = 100_000  # each resample is an [N] row of draw counts and a [K, K] matrix per side
@@ -135,12 +136,12 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _change(old: Any, new: Any) -> str:
-    return f"{new - old:+.4f}".rstrip("0").rstrip(".") if _number(old) and _number(new) else ""
+    return f"{new - old:+.4f}".rstrip("0").rstrip(".") if _is_number(old) and _is_number(new) else ""
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -177,9 +178,9 @@ def metrics_section(old: Side, new: Side, resamples: int, seed: int) -> list[str
     bounds = re.compile(r"_(low|high)$")
     # the other numbers, and the other values where they differ; the interval bounds are in the verdict column
     others = sorted(k for k in old.metrics.keys() | new.metrics.keys()
-                    if k not in bootstrap.SCORES and not bounds.search(k)
-                    and (_number(old.metrics.get(k)) or old.metrics.get(k) != new.metrics.get(k)))
-    keys = [*bootstrap.SCORES, *others]
+                    if k not in SCORES and not bounds.search(k)
+                    and (_is_number(old.metrics.get(k)) or old.metrics.get(k) != new.metrics.get(k)))
+    keys = [*SCORES, *others]
     rows = []
     for k in keys:
         a, b = old.metrics.get(k, "—"), new.metrics.get(k, "—")
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
 def emit(text: str, out: Path | None, command: str) -> None:
     """Write a command's markdown to `out`, or print it when there is none."""
     if out:
-        artifacts.write_text(out, text)
+        atomic.write_text(out, text)
         print(f"{command}: wrote {out}")
     else:
         print(text, end="")

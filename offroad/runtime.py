@@ -38,7 +38,7 @@ class Dist:
     local: int = 0
 
     @property
-    def main(self) -> bool:
+    def writes_outputs(self) -> bool:
         return self.local == 0
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from offroad.errors import PipelineError
 from offroad.heads import ConvNeXtHead, MultiScaleHead
 from offroad.runtime import Run, choose_attention
 from offroad.upsample import upsample_bilinear
-from offroad.vit import DinoVisionTransformer, build_backbone, load_backbone_weights, preprocess
+from offroad.vit import DinoVisionTransformer, build_backbone, preprocess
+from offroad.weights import load_backbone_weights
 
 
 class CheckpointError(PipelineError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -31,7 +33,7 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode()), index]))
 
 
-def _libm(fn, *arrays) -> np.ndarray:
+def _libm(fn: Callable[..., float], *arrays: np.ndarray) -> np.ndarray:
     """float32 `fn` elementwise through Python's math module: numpy's SIMD transcendentals differ by CPU."""
     return np.frompyfunc(fn, len(arrays), 1)(*arrays).astype(np.float32)
 
@@ -90,6 +92,50 @@ def fractal(rng: np.random.Generator, h: int, w: int, cells: float, octaves: int
     return total / (2 - 0.5 ** (octaves - 1))
 
 
+@dataclass(frozen=True)
+class Canvas:
+    """The scene being drawn: its random stream, float32 RGB image [H, W, 3] and raw-id mask [H, W]."""
+    rng: np.random.Generator
+    img: np.ndarray
+    lab: np.ndarray
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the scene's regions lie: pixel rows [H, 1], the horizon row, and per column [W] the skyline
+    (the sky is above it) and the ground line (the ground is below it)."""
+    rows: np.ndarray
+    horizon: float
+    skyline: np.ndarray
+    ground: np.ndarray
+
+    @property
+    def sky(self) -> np.ndarray:
+        return self.rows < self.skyline
+
+    @property
+    def below(self) -> np.ndarray:
+        return self.rows >= self.ground
+
+
+@dataclass(frozen=True)
+class Spot:
+    """Where an object stands, in pixels: (x, y) is the bottom centre of its box (a log's centre), and
+    `size` its radius (a log's length)."""
+    x: float
+    y: float
+    size: float
+
+
+@dataclass(frozen=True)
+class Texture:
+    """A leafy/grainy texture: `cells` features over the box, `grain` its strength, `shade` how much
+    darker the bottom of the box is."""
+    cells: float
+    grain: float
+    shade: float
+
+
 def _colour(rng: np.random.Generator, rgb: tuple[float, float, float], jitter: float) -> np.ndarray:
     return np.clip(np.array(rgb, np.float32) * rng.uniform(1 - jitter, 1 + jitter, 3), 0, 255).astype(np.float32)
 
@@ -99,16 +145,22 @@ def _profile(rng: np.random.Generator, width: int, knots: int) -> np.ndarray:
     return noise(rng, 1, width, 1, knots)[0]
 
 
-def _paste(img: np.ndarray, lab: np.ndarray, x0: int, y0: int, shape: np.ndarray, colour: np.ndarray, raw: int) -> None:
-    """Paint boolean `shape` with per-pixel `colour` at (x0, y0), clipped to the frame."""
-    H, W = lab.shape
+def _stand(spot: Spot, h: int, w: int) -> tuple[int, int]:
+    """Top-left corner (x0, y0) of an h x w box standing on `spot`."""
+    return int(spot.x - w / 2), int(spot.y - h)
+
+
+def _paste(canvas: Canvas, corner: tuple[int, int], shape: np.ndarray, colour: np.ndarray, raw: int) -> None:
+    """Paint boolean `shape` with per-pixel `colour` at `corner` (x0, y0), clipped to the frame."""
+    H, W = canvas.lab.shape
     h, w = shape.shape
+    x0, y0 = corner
     xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
     if xa >= xb or ya >= yb:
         return
     s = shape[ya - y0:yb - y0, xa - x0:xb - x0]
-    img[ya:yb, xa:xb][s] = colour[ya - y0:yb - y0, xa - x0:xb - x0][s]
-    lab[ya:yb, xa:xb][s] = raw
+    canvas.img[ya:yb, xa:xb][s] = colour[ya - y0:yb - y0, xa - x0:xb - x0][s]
+    canvas.lab[ya:yb, xa:xb][s] = raw
 
 
 def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +168,9 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.arange(h, dtype=np.float32)[:, None] + 0.5) / h, (np.arange(w, dtype=np.float32)[None, :] + 0.5) / w
 
 
-def _blob(rng: np.random.Generator, h: int, w: int, lobes: int, ragged: float) -> np.ndarray:
-    """A bush-like union of ellipses with ragged edges, standing on the bottom of an h x w box."""
+def _blob(rng: np.random.Generator, box: tuple[int, int], lobes: int, ragged: float) -> np.ndarray:
+    """A bush-like union of ellipses with ragged edges, standing on the bottom of an h x w `box`."""
+    h, w = box
     y, x = _grid(h, w)
     field = np.full((h, w), -1.0, np.float32)
     for _ in range(lobes):
@@ -128,59 +181,65 @@ def _blob(rng: np.random.Generator, h: int, w: int, lobes: int, ragged: float) -
     return (field > 0) & (y < 0.97)
 
 
-def _textured(rng: np.random.Generator, h: int, w: int, base: np.ndarray, cells: float, grain: float,
-              shade: float) -> np.ndarray:
-    """`base` with a leafy/grainy texture and darker towards the bottom of the box."""
+def _textured(rng: np.random.Generator, box: tuple[int, int], base: np.ndarray, texture: Texture) -> np.ndarray:
+    """`base` with `texture` over an h x w `box`."""
+    h, w = box
     y, _ = _grid(h, w)
-    tex = 1 + grain * (fractal(rng, h, w, cells, 2) - 0.5)
-    light = (1 + shade * (0.5 - y)) * tex
+    tex = 1 + texture.grain * (fractal(rng, h, w, texture.cells, 2) - 0.5)
+    light = (1 + texture.shade * (0.5 - y)) * tex
     return base * light[..., None]
 
 
-def _bush(rng, img, lab, bx, by, r, raw, base: np.ndarray) -> None:
-    h, w = max(3, int(1.5 * r)), max(3, int(2.4 * r))
-    shape = _blob(rng, h, w, rng.integers(3, 7), 0.9)
-    _paste(img, lab, int(bx - w / 2), int(by - h), shape, _textured(rng, h, w, base, max(3, h / 4), 0.7, 0.6), raw)
+def _bush(canvas: Canvas, spot: Spot, base: np.ndarray, raw: int) -> None:
+    rng = canvas.rng
+    h, w = max(3, int(1.5 * spot.size)), max(3, int(2.4 * spot.size))
+    shape = _blob(rng, (h, w), rng.integers(3, 7), 0.9)
+    colour = _textured(rng, (h, w), base, Texture(cells=max(3, h / 4), grain=0.7, shade=0.6))
+    _paste(canvas, _stand(spot, h, w), shape, colour, raw)
 
 
-def _tree(rng, img, lab, bx, by, r, base: np.ndarray, bark: np.ndarray) -> None:
+def _tree(canvas: Canvas, spot: Spot, leaf: np.ndarray, bark: np.ndarray) -> None:
+    rng, r = canvas.rng, spot.size
     trunk_h = r * rng.uniform(0.8, 1.6)
     h, w = max(4, int(1.6 * r + trunk_h)), max(3, int(2.4 * r))
     y, x = _grid(h, w)
     canopy = np.zeros((h, w), bool)
     ch = int(1.7 * r)
-    canopy[:ch] = _blob(rng, ch, w, rng.integers(4, 8), 1.0)
+    canopy[:ch] = _blob(rng, (ch, w), rng.integers(4, 8), 1.0)
     trunk = (np.abs(x - 0.5 + 0.05 * (y - 1)) < 0.045 + 0.02 * y) & (y > 0.3)
-    colour = np.where(trunk[..., None], _textured(rng, h, w, bark, max(3, h / 8), 0.4, 0.3),
-                      _textured(rng, h, w, base, max(3, ch / 4), 0.8, 0.7))
-    _paste(img, lab, int(bx - w / 2), int(by - h), canopy | trunk, colour, TREES)
+    wood = _textured(rng, (h, w), bark, Texture(cells=max(3, h / 8), grain=0.4, shade=0.3))
+    leaves = _textured(rng, (h, w), leaf, Texture(cells=max(3, ch / 4), grain=0.8, shade=0.7))
+    _paste(canvas, _stand(spot, h, w), canopy | trunk, np.where(trunk[..., None], wood, leaves), TREES)
 
 
-def _rock(rng, img, lab, bx, by, r, base: np.ndarray) -> None:
-    h, w = max(3, int(1.2 * r)), max(3, int(2 * r))
+def _rock(canvas: Canvas, spot: Spot, base: np.ndarray) -> None:
+    rng = canvas.rng
+    h, w = max(3, int(1.2 * spot.size)), max(3, int(2 * spot.size))
     y, x = _grid(h, w)
     radii = rng.uniform(0.55, 1.0, 8).astype(np.float32)
     angle = (_libm(math.atan2, y - 0.95, x - 0.5) + np.float32(np.pi)) / np.float32(2 * np.pi) * 8
     edge = np.interp(angle.ravel(), np.arange(9), np.append(radii, radii[0])).reshape(h, w)
     shape = np.sqrt(((x - 0.5) / 0.5) ** 2 + ((y - 0.95) / 0.95) ** 2) < edge
     lit = 1.25 - 0.5 * y - 0.25 * x + 0.25 * (fractal(rng, h, w, max(3, h / 3), 2) - 0.5)
-    _paste(img, lab, int(bx - w / 2), int(by - h), shape, base * lit[..., None], ROCKS)
+    _paste(canvas, _stand(spot, h, w), shape, base * lit[..., None], ROCKS)
 
 
-def _log(rng, img, lab, bx, by, length, thick, base: np.ndarray) -> None:
-    angle = rng.uniform(-0.4, 0.4)
+def _log(canvas: Canvas, spot: Spot, base: np.ndarray, *, thick: float) -> None:
+    length = spot.size
+    angle = canvas.rng.uniform(-0.4, 0.4)
     c, s = math.cos(angle), math.sin(angle)
     side = int(length * (abs(c) + abs(s))) + 3
     y, x = np.mgrid[0:side, 0:side].astype(np.float32) - side / 2
     u, v = x * c + y * s, -x * s + y * c
     shape = (np.abs(u) < length / 2) & (np.abs(v) < thick / 2)
     streak = 1 + 0.3 * _libm(math.cos, v / max(thick, 1) * np.float32(np.pi)) - 0.15 * (np.abs(u) > length / 2 - thick)
-    _paste(img, lab, int(bx - side / 2), int(by - side / 2), shape, base * streak[..., None], LOGS)
+    corner = int(spot.x - side / 2), int(spot.y - side / 2)  # centred on the spot
+    _paste(canvas, corner, shape, base * streak[..., None], LOGS)
 
 
-def _paint(img: np.ndarray, lab: np.ndarray, where: np.ndarray, rgb: np.ndarray, raw: int) -> None:
-    img[where] = rgb[where]
-    lab[where] = raw
+def _paint(canvas: Canvas, where: np.ndarray, rgb: np.ndarray, raw: int) -> None:
+    canvas.img[where] = rgb[where]
+    canvas.lab[where] = raw
 
 
 def _patches(field: np.ndarray, region: np.ndarray, fraction: float) -> np.ndarray:
@@ -188,67 +247,72 @@ def _patches(field: np.ndarray, region: np.ndarray, fraction: float) -> np.ndarr
     return region & (field > np.quantile(field[region], 1 - fraction))
 
 
-def _sky(rng, img, lab, sky, rows, horizon) -> np.ndarray:
+def _sky(canvas: Canvas, layout: Layout) -> np.ndarray:
     """Blue gradient paling towards the horizon, with clouds; returns the horizon haze colour."""
-    H, W = lab.shape
+    rng = canvas.rng
+    H, W = canvas.lab.shape
     top, haze = _colour(rng, (80, 130, 200), 0.15), _colour(rng, (195, 210, 222), 0.06)
-    t = np.clip(rows / horizon, 0, 1)[..., None]
+    t = np.clip(layout.rows / layout.horizon, 0, 1)[..., None]
     rgb = np.broadcast_to(top + (haze - top) * _pow(t, 0.7), (H, W, 3))
     cloud = np.clip((fractal(rng, H, W, 3, 4) - rng.uniform(0.5, 0.75)) * 4, 0, 1)[..., None]
-    _paint(img, lab, sky, rgb + (_colour(rng, (240, 240, 240), 0.04) - rgb) * cloud * 0.9, SKY)
+    _paint(canvas, layout.sky, rgb + (_colour(rng, (240, 240, 240), 0.04) - rgb) * cloud * 0.9, SKY)
     return haze
 
 
-def _landscape(rng, img, lab, land, rows, skyline, horizon, ground, haze, near) -> None:
+def _landscape(canvas: Canvas, layout: Layout, *, haze: np.ndarray, near: np.ndarray) -> None:
     """Hazy mountains lit from one side above the horizon, a banded plain below it."""
-    H, W = lab.shape
+    rng, rows, skyline = canvas.rng, layout.rows, layout.skyline
+    H, W = canvas.lab.shape
     far = _colour(rng, (140, 132, 140), 0.08)
-    depth = np.clip((rows - skyline.min()) / (ground.max() - skyline.min() + 1), 0, 1)[..., None]
+    depth = np.clip((rows - skyline.min()) / (layout.ground.max() - skyline.min() + 1), 0, 1)[..., None]
     slope = np.clip(np.gradient(skyline) * W / H, -1, 1) * rng.choice([-1, 1])
-    relief = np.where(rows < horizon, 1 + 0.15 * slope, 0.88 + 0.24 * noise(rng, H, W, H / 12, W / 30))
+    relief = np.where(rows < layout.horizon, 1 + 0.15 * slope, 0.88 + 0.24 * noise(rng, H, W, H / 12, W / 30))
     rgb = (far + (near - far) * _pow(depth, 0.8)) * (relief * (0.85 + 0.3 * fractal(rng, H, W, 6, 4)))[..., None]
-    _paint(img, lab, land, rgb + (haze - rgb) * 0.4 * (1 - depth), LANDSCAPE)
+    _paint(canvas, ~layout.sky & ~layout.below, rgb + (haze - rgb) * 0.4 * (1 - depth), LANDSCAPE)
 
 
-def _ground(rng, img, lab, below, rows, horizon, ground, grass, near) -> None:
+def _ground(canvas: Canvas, layout: Layout, *, grass: np.ndarray, near: np.ndarray) -> None:
     """Streaky dry grass with bare terrain (labelled Landscape), sandy background patches reaching
     into the landscape band, and ground clutter."""
-    H, W = lab.shape
+    rng, rows, horizon, below = canvas.rng, layout.rows, layout.horizon, layout.below
+    H, W = canvas.lab.shape
     streaks = noise(rng, H, W, H / 10, W / 2.5) * (0.6 + 0.4 * fractal(rng, H, W, 4))
-    _paint(img, lab, below, grass * (0.75 + 0.45 * streaks)[..., None], GRASS)
+    _paint(canvas, below, grass * (0.75 + 0.45 * streaks)[..., None], GRASS)
 
     bare = _patches(fractal(rng, H, W, rng.uniform(2, 4), 6), below, rng.uniform(0.05, 0.2))
-    _paint(img, lab, bare, near * (0.85 + 0.3 * fractal(rng, H, W, 10, 3))[..., None], LANDSCAPE)
+    _paint(canvas, bare, near * (0.85 + 0.3 * fractal(rng, H, W, 10, 3))[..., None], LANDSCAPE)
 
     sand = (0.6 * near + 0.4 * _colour(rng, (205, 185, 150), 0.05)) * rng.uniform(0.95, 1.1)
     sand = (sand + rng.normal(0, 4, 3)).astype(np.float32)
-    reach = horizon + (ground - horizon) * (0.2 + 0.6 * _profile(rng, W, 6))
+    reach = horizon + (layout.ground - horizon) * (0.2 + 0.6 * _profile(rng, W, 6))
     field = fractal(rng, H, W, rng.uniform(2, 5), 6) - np.clip((reach - rows) / (0.15 * H), 0, 1)  # fades above reach
     patches = _patches(field, np.broadcast_to(rows > horizon, field.shape), rng.uniform(0.085, 0.2))
-    _paint(img, lab, patches, sand * (0.9 + 0.2 * fractal(rng, H, W, 12, 3))[..., None], BACKGROUND)
+    _paint(canvas, patches, sand * (0.9 + 0.2 * fractal(rng, H, W, 12, 3))[..., None], BACKGROUND)
 
     clutter = _patches(fractal(rng, H, W, H / 24, 2), below, rng.uniform(0.065, 0.22))
     dark, pale = _colour(rng, (90, 75, 60), 0.12), _colour(rng, (150, 135, 115), 0.12)
     rgb = dark + (pale - dark) * noise(rng, H, W, H / 8, W / 8)[..., None]
-    _paint(img, lab, clutter, rgb * (0.8 + 0.4 * noise(rng, H, W, H / 3, W / 3))[..., None], CLUTTER)
+    _paint(canvas, clutter, rgb * (0.8 + 0.4 * noise(rng, H, W, H / 3, W / 3))[..., None], CLUTTER)
 
 
-def _flowers(rng, img, lab, horizon, ground) -> None:
+def _flowers(canvas: Canvas, layout: Layout) -> None:
     """A few clusters of bright dots (raw id 600, not one of the report's classes)."""
-    H, W = lab.shape
+    rng, horizon = canvas.rng, layout.horizon
+    H, W = canvas.lab.shape
     for _ in range(rng.poisson(3)):
-        cx, cy = rng.uniform(0, W), rng.uniform(ground.mean(), H)
+        cx, cy = rng.uniform(0, W), rng.uniform(layout.ground.mean(), H)
         spread = H * 0.03 * (cy - horizon) / (H - horizon)
         petal = _colour(rng, [(235, 205, 60), (170, 100, 180), (240, 240, 230)][rng.integers(3)], 0.08)
         dots = np.zeros((H, W), np.uint8)
         for px, py in zip(rng.normal(cx, spread, 40), rng.normal(cy, spread / 2, 40)):
             cv2.circle(dots, (int(px), int(py)), max(1, round(H / 300)), 1, -1)
-        _paint(img, lab, dots > 0, np.broadcast_to(petal, img.shape), FLOWERS)
+        _paint(canvas, dots > 0, np.broadcast_to(petal, canvas.img.shape), FLOWERS)
 
 
-def _objects(rng, img, lab, horizon, ground) -> None:
+def _objects(canvas: Canvas, layout: Layout) -> None:
     """Bushes, trees, rocks and logs standing on the ground, drawn far to near, bigger when nearer."""
-    H, W = lab.shape
+    rng, horizon, ground = canvas.rng, layout.horizon, layout.ground
+    H, W = canvas.lab.shape
     lush, dry = _colour(rng, (110, 135, 65), 0.15), _colour(rng, (170, 140, 90), 0.1)
     leaf, bark = _colour(rng, (70, 100, 50), 0.15), _colour(rng, (95, 75, 55), 0.1)
     rock, wood = _colour(rng, (140, 128, 115), 0.12), _colour(rng, (125, 100, 75), 0.12)
@@ -260,18 +324,19 @@ def _objects(rng, img, lab, horizon, ground) -> None:
         bx = rng.uniform(0, W)
         top = ground[min(int(bx), W - 1)]
         placed.append((top + (H - top) * rng.uniform(0.02, 1.05) ** (0.6 if kind == "tree" else 1), bx, kind))
+    # Each call draws the size before the colour jitter: the order the random stream is read in.
     for by, bx, kind in sorted(placed):
         p = 0.2 + (by - horizon) / (H - horizon)
         if kind == "lush":
-            _bush(rng, img, lab, bx, by, H * rng.uniform(0.05, 0.12) * p, LUSH, lush * rng.uniform(0.85, 1.15))
+            _bush(canvas, Spot(bx, by, H * rng.uniform(0.05, 0.12) * p), lush * rng.uniform(0.85, 1.15), LUSH)
         elif kind == "dry":
-            _bush(rng, img, lab, bx, by, H * rng.uniform(0.045, 0.1) * p, DRY, dry * rng.uniform(0.85, 1.15))
+            _bush(canvas, Spot(bx, by, H * rng.uniform(0.045, 0.1) * p), dry * rng.uniform(0.85, 1.15), DRY)
         elif kind == "tree":
-            _tree(rng, img, lab, bx, by, H * rng.uniform(0.08, 0.16) * p, leaf * rng.uniform(0.85, 1.15), bark)
+            _tree(canvas, Spot(bx, by, H * rng.uniform(0.08, 0.16) * p), leaf * rng.uniform(0.85, 1.15), bark)
         elif kind == "rock":
-            _rock(rng, img, lab, bx, by, H * rng.uniform(0.035, 0.09) * p, rock * rng.uniform(0.85, 1.15))
+            _rock(canvas, Spot(bx, by, H * rng.uniform(0.035, 0.09) * p), rock * rng.uniform(0.85, 1.15))
         else:
-            _log(rng, img, lab, bx, by, H * rng.uniform(0.12, 0.24) * p, max(1.5, H * 0.014 * p), wood)
+            _log(canvas, Spot(bx, by, H * rng.uniform(0.12, 0.24) * p), wood, thick=max(1.5, H * 0.014 * p))
 
 
 def generate(seed: int, split: str, index: int, width: int = 960, height: int = 540) -> tuple[np.ndarray, np.ndarray]:
@@ -281,21 +346,21 @@ def generate(seed: int, split: str, index: int, width: int = 960, height: int = 
     rows = np.arange(H, dtype=np.float32)[:, None]
     img = np.zeros((H, W, 3), np.float32)
     lab = np.zeros((H, W), np.uint16)
+    canvas = Canvas(rng, img, lab)
 
     # Sky above the skyline, the landscape band down to the ground line, ground below.
     horizon = H * rng.uniform(0.365, 0.465)
     skyline = horizon - H * rng.uniform(0.05, 0.2) * _pow(_profile(rng, W, rng.integers(3, 10)).clip(0, 1), 1.3)
     ground = horizon + H * (rng.uniform(0.14, 0.22) + 0.05 * (_profile(rng, W, 5) - 0.5))
-    sky = rows < skyline
-    below = rows >= ground
+    layout = Layout(rows, horizon, skyline, ground)
 
-    haze = _sky(rng, img, lab, sky, rows, horizon)
+    haze = _sky(canvas, layout)
     grass, near = _colour(rng, (190, 165, 105), 0.08), _colour(rng, (182, 150, 112), 0.06)
     near = near + (grass - near) * rng.uniform(0.2, 0.7)  # the plain fades into the dry grass
-    _landscape(rng, img, lab, ~sky & ~below, rows, skyline, horizon, ground, haze, near)
-    _ground(rng, img, lab, below, rows, horizon, ground, grass, near)
-    _flowers(rng, img, lab, horizon, ground)
-    _objects(rng, img, lab, horizon, ground)
+    _landscape(canvas, layout, haze=haze, near=near)
+    _ground(canvas, layout, grass=grass, near=near)
+    _flowers(canvas, layout)
+    _objects(canvas, layout)
 
     # Lighting (brightness, warmth), lens softness and sensor noise.
     warm = rng.uniform(-1, 1)

@@ -1,6 +1,7 @@
 """The training loop: head optimisation on a frozen backbone, per-epoch validation, best model, resume.
 
-Read `fit` top to bottom; `train_epoch` is one pass over the train split. The backbone is frozen, so
+Read `fit` top to bottom: it builds a `Trainer` (what every step uses) once, then runs
+`train_epoch`, one pass over the train split, and `evaluate` on val each epoch. The backbone is frozen, so
 features of un-augmented images never change: val features (and train features when augmentation is
 off) are computed once per run and reused every epoch. Train metrics come from the training forward
 passes themselves. With several processes (offroad.launch) each takes an interleaved share of every global
@@ -16,25 +17,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from offroad import artifacts, metrics
+from offroad import artifacts, atomic, metrics
 from offroad.artifacts import PreparedSplit
 from offroad.augment import build_augment
-from offroad.codebase import ROOT, import_closure
+from offroad.codebase import source_digest
 from offroad.config import Params, Train
 from offroad.data import SegmentationDataset
 from offroad.errors import PipelineError, check_interrupt, warn
-from offroad.evaluation import Evaluation, eval_features, evaluate
-from offroad.losses import build_loss, pixel_weight
+from offroad.evaluation import Evaluation, Scoring, eval_features, evaluate
+from offroad.losses import PixelLoss, build_loss
 from offroad.runtime import Dist, Run, synchronize
 from offroad.segmenter import Segmenter, head_checkpoint, predicted_labels
-
-TRAIN_ENTRY = "stages.train"  # its import closure is the code a resume state depends on
 
 
 class TrainingError(PipelineError):
@@ -47,6 +46,16 @@ class Outputs:
     final: Path = artifacts.CHECKPOINTS["final"]
     last: Path = artifacts.LAST  # resume state
     history: Path = artifacts.HISTORY
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run is made from besides params: the prepared splits, the class weights (None unless
+    loss.class_weighted) and a digest of the code that trains (codebase.source_digest of the entry point)."""
+    train: PreparedSplit
+    val: PreparedSplit
+    class_weights: torch.Tensor | None = None
+    code: str = field(default_factory=lambda: source_digest("offroad.training"))
 
 
 @dataclass
@@ -92,7 +101,10 @@ def make_optimizer(params: Params, parameters) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, dist: Dist) -> list[tuple[np.ndarray, bool]]:
+Batches = list[tuple[np.ndarray, bool]]  # an epoch's shares of its global batches, and whether each counts
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, dist: Dist) -> Batches:
     """Shuffled global batches for this epoch, each cut to this process's interleaved share, with whether the
     share counts. A share left empty by a last batch smaller than the world still joins the gradient
     all-reduce (DDP needs every process in every step): it runs image 0 with weight 0."""
@@ -125,7 +137,7 @@ class FeatureCache:
         return torch.stack([self.store[int(i)] for i in idx])
 
 
-def fingerprint(params: Params, train: PreparedSplit, val: PreparedSplit, class_weights: torch.Tensor | None) -> str:
+def fingerprint(params: Params, inputs: RunInputs) -> str:
     """Identity of a run: the params that change results, the prepared data, the class weights, the code."""
     keyed = params.model_dump(mode="json", include={"data": {"classes", "ignore_index"}, "model": True,
                                                     "optimizer": True, "scheduler": True, "loss": True,
@@ -133,12 +145,11 @@ def fingerprint(params: Params, train: PreparedSplit, val: PreparedSplit, class_
     for k in ("num_workers", "compile", "processes", "nodes"):  # how it runs, not what it computes
         keyed["train"].pop(k)
     h = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode())
-    for split in (train, val):
+    for split in (inputs.train, inputs.val):
         h.update(json.dumps([split.names, split.images.shape, split.made_with]).encode())
-    if class_weights is not None:
-        h.update(class_weights.numpy().tobytes())
-    for f in import_closure(TRAIN_ENTRY):
-        h.update((ROOT / f).read_bytes())
+    if inputs.class_weights is not None:
+        h.update(inputs.class_weights.numpy().tobytes())
+    h.update(inputs.code.encode())
     return h.hexdigest()[:16]
 
 
@@ -175,14 +186,14 @@ def inconsistency(state: State) -> str | None:
     return None
 
 
-def resume(state: State, model: Segmenter, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> str | None:
+def resume(state: State, t: Trainer) -> str | None:
     """Load the state's head, optimizer and loss scale; what does not fit the model (a state from a damaged or
     hand-edited file), or None."""
     try:
-        model.head.load_state_dict(state.head)
-        optimizer.load_state_dict(state.optimizer)
+        t.model.head.load_state_dict(state.head)
+        t.optimizer.load_state_dict(state.optimizer)
         if state.scaler:
-            scaler.load_state_dict(state.scaler)
+            t.scaler.load_state_dict(state.scaler)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return None
@@ -224,46 +235,88 @@ def batches_per_forward(train: Train) -> int:
     return max(1, train.backbone_batch // train.batch_size)
 
 
-def train_inputs(model: Segmenter, train: PreparedSplit, epoch: int, batches: list,
-                 loader: torch.utils.data.DataLoader | None, cache: FeatureCache | None, steps_per_forward: int,
-                 run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features, target) per batch: cached features of the plain images, or the backbone on augmented ones.
+class TrainFeed:
+    """(features, target) of each train batch: cached features of the plain images, or, with augmentation,
+    the backbone on augmented images from a DataLoader kept for the whole run.
 
-    The backbone is frozen, so the features of the next `steps_per_forward` batches can come from one larger
-    forward (faster on CPUs whose matmuls need more rows to reach their peak); the steps stay the same.
+    The backbone is frozen, so the features of the next `batches_per_forward` batches can come from one
+    larger forward (faster on CPUs whose matmuls need more rows to reach their peak); the steps stay the same.
     """
-    if loader is None:
-        for b, _ in batches:
-            yield cache(b), torch.from_numpy(train.masks[b]).to(run.device).long()
-        return
-    groups = [batches[i:i + steps_per_forward] for i in range(0, len(batches), steps_per_forward)]
-    loader.batch_sampler.batches = [[(epoch, int(i)) for b, _ in group for i in b] for group in groups]
-    for group, (images, target, _) in zip(groups, loader):
-        with run.autocast():
-            feats = model.features(images.to(run.device, non_blocking=True))
-        target = target.to(run.device, non_blocking=True)
-        start = 0
-        for b, _ in group:
-            yield feats[start:start + len(b)], target[start:start + len(b)]
-            start += len(b)
+
+    def __init__(self, model: Segmenter, split: PreparedSplit, params: Params, run: Run):
+        self.model, self.split, self.run = model, split, run
+        self.per_forward = batches_per_forward(params.train)
+        augment = build_augment(params.augment, run.ignore_index)
+        dataset = SegmentationDataset(split, augment, params.train.seed)
+        self.loader = augmented_loader(dataset, params.train.num_workers, run) if augment else None
+        self.cache = None if augment else FeatureCache(model, split.images, run)
+        self.augmented = 0  # images the backbone saw augmented
+
+    @property
+    def forwards(self) -> int:
+        return self.cache.computed if self.cache else self.augmented
+
+    def __call__(self, epoch: int, batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        run = self.run
+        if self.loader is None:
+            for b, _ in batches:
+                yield self.cache(b), torch.from_numpy(self.split.masks[b]).to(run.device).long()
+            return
+        self.augmented += sum(len(b) for b, _ in batches)
+        groups = [batches[i:i + self.per_forward] for i in range(0, len(batches), self.per_forward)]
+        self.loader.batch_sampler.batches = [[(epoch, int(i)) for b, _ in group for i in b] for group in groups]
+        for group, (images, target, _) in zip(groups, self.loader):
+            with run.autocast():
+                feats = self.model.features(images.to(run.device, non_blocking=True))
+            target = target.to(run.device, non_blocking=True)
+            start = 0
+            for b, _ in group:
+                yield feats[start:start + len(b)], target[start:start + len(b)]
+                start += len(b)
 
 
-def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, loss_fn: torch.nn.Module, inputs: Iterator, batches: list,
-                class_weights: torch.Tensor | None, run: Run, desc: str) -> Evaluation:
+@dataclass
+class Trainer:
+    """What every training step uses, built once per run: the model and the module the optimizer updates
+    (model.head, or a compiled or DDP wrapper of it), the optimizer, the fp16 loss scale, the loss with its
+    class weights, and how the run runs."""
+    model: Segmenter
+    head: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss: PixelLoss
+    run: Run
+
+    @classmethod
+    def build(cls, model: Segmenter, params: Params, class_weights: torch.Tensor | None, run: Run) -> "Trainer":
+        head = torch.compile(model.head) if params.train.compile else model.head
+        if torch.distributed.is_initialized():
+            head = torch.nn.parallel.DistributedDataParallel(head)
+        weights = None if class_weights is None else class_weights.to(run.device)
+        return cls(model, head, make_optimizer(params, [p for p in head.parameters() if p.requires_grad]),
+                   run.grad_scaler(), build_loss(params.loss, weights, run.ignore_index), run)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+def train_epoch(t: Trainer, inputs: Iterable[tuple[torch.Tensor, torch.Tensor]], batches: Batches,
+                desc: str) -> Evaluation:
     """One optimizer step per batch. Each process scales its mean loss by its share of the global batch's
     pixel weight (x world, as DDP averages gradients), so N processes take the same steps as one."""
-    model.train()
-    K, dist = run.num_classes, run.dist
+    t.model.train()
+    run, dist = t.run, t.run.dist
+    K = run.num_classes
     cm = torch.zeros(K, K, dtype=torch.long, device=run.device)
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # weighted loss, weight
     bar = tqdm(zip(batches, inputs), total=len(batches), desc=desc, leave=False, disable=None, file=sys.stderr)
     for step, ((_, counted), (feats, target)) in enumerate(bar):
         check_interrupt()
         with run.autocast():
-            logits = model.decode(feats, target.shape[-2:], head)
-        loss = loss_fn(logits.float(), target)
-        weight = pixel_weight(target, class_weights, run.ignore_index) * counted
+            logits = t.model.decode(feats, target.shape[-2:], t.head)
+        loss = t.loss(logits.float(), target)
+        weight = t.loss.pixel_weight(target) * counted
         if not torch.isfinite(loss) and weight > 0:
             raise TrainingError(f"loss is {loss.item()} at {desc}, batch {step + 1}")
         global_weight = dist.sum(weight.clone())
@@ -271,92 +324,93 @@ def train_epoch(model: Segmenter, head: torch.nn.Module, optimizer: torch.optim.
             continue
         sums += torch.stack([torch.where(weight > 0, loss.detach() * weight, 0.0), weight])
         scale = dist.world * weight / global_weight
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(torch.where(weight > 0, loss, 0.0) * scale.float()).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(torch.where(weight > 0, loss, 0.0) * scale.float()).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
         if counted:
             cm += metrics.confusion_matrix(predicted_labels(logits.detach()), target, K, run.ignore_index)
     loss_sum, weight_sum = dist.sum(sums).tolist()
     return Evaluation(loss_sum / weight_sum if weight_sum else math.nan, dist.sum(cm).cpu(), np.zeros(0))
 
 
-def fit(model: Segmenter, head: torch.nn.Module, params: Params, train: PreparedSplit, val: PreparedSplit,
-        class_weights: torch.Tensor | None, run: Run, out: Outputs = Outputs(),
+def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outputs = Outputs(),
         log: Callable[[str], None] = print) -> dict:
-    """Train `head` (the module the optimizer sees: model.head, or a DDP / compiled wrapper of it), writing
-    out.best, out.final, out.last and out.history. Returns the run's summary for metrics/train.json."""
+    """Train model.head, writing out.best, out.final, out.last and out.history. Returns the run's summary for
+    metrics/train.json."""
     cfg, dist = params.train, run.dist
-    fp = fingerprint(params, train, val, class_weights)
+    fp = fingerprint(params, inputs)
     others = [rank for rank, theirs in enumerate(dist.gather(fp)) if theirs != fp]
     if others:
         raise TrainingError(f"rank(s) {others} train with other params, prepared data, class weights or code than "
                             f"rank {dist.rank}: every node needs the same commit and data (`dvc pull` or `dvc repro`)")
-    state = dist.from_rank0(lambda: load_state(out.last, fp, log))
     torch.manual_seed(cfg.seed)
-    fresh_head = {k: v.clone() for k, v in model.head.state_dict().items()}
-    optimizer = make_optimizer(params, [p for p in head.parameters() if p.requires_grad])
-    scaler = run.grad_scaler()
-    if state.head is not None and (problem := resume(state, model, optimizer, scaler)):
-        log(f"resume: ignoring {out.last} ({problem}); starting fresh")
-        model.head.load_state_dict(fresh_head)
-        state = State(fp)
-        optimizer, scaler = make_optimizer(params, [p for p in head.parameters() if p.requires_grad]), run.grad_scaler()
-    elif state.epoch:
-        log(f"resume: continuing after epoch {state.epoch} from {out.last}")
-    weights = None if class_weights is None else class_weights.to(run.device)
-    loss_fn = build_loss(params.loss, weights, run.ignore_index)
-    augment = build_augment(params.augment, run.ignore_index)
-    loader = augmented_loader(SegmentationDataset(train, augment, cfg.seed), cfg.num_workers, run) if augment else None
-    train_cache = None if augment else FeatureCache(model, train.images, run)
-    val_cache, val_idx = FeatureCache(model, val.images, run), np.arange(dist.rank, len(val), dist.world)
+    t = Trainer.build(model, params, inputs.class_weights, run)
+    state = initial_state(t, params, dist.from_rank0(lambda: load_state(out.last, fp, log)), out.last, log)
+    feed = TrainFeed(model, inputs.train, params, run)
+    val_cache = FeatureCache(model, inputs.val.images, run)
+    val = Scoring(val_cache, inputs.val.masks, np.arange(dist.rank, len(inputs.val), dist.world), cfg.batch_size)
 
-    steps_per_forward = batches_per_forward(cfg)
-    start_epoch, augmented_forwards, t0 = state.epoch, 0, time.perf_counter()
+    start_epoch, started = state.epoch, time.perf_counter()
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.early_stopping_patience and epoch - state.best_epoch >= cfg.early_stopping_patience:
             break
-        lr = lr_at(epoch, params)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        batches = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, dist)
-        if loader is not None:
-            augmented_forwards += sum(len(b) for b, _ in batches)
-        inputs = train_inputs(model, train, epoch, batches, loader, train_cache, steps_per_forward, run)
-        desc = f"epoch {epoch + 1}"
+        t.set_lr(lr_at(epoch, params))
+        batches = epoch_batches(len(inputs.train), cfg.batch_size, cfg.seed, epoch, dist)
         try:
-            train_stats = train_epoch(model, head, optimizer, scaler, loss_fn, inputs, batches, weights, run, desc)
+            train_stats = train_epoch(t, feed(epoch, batches), batches, f"epoch {epoch + 1}")
         except TrainingError as e:
             kept = (f"the last good state (epoch {state.epoch}) is kept in {out.last}" if state.epoch
                     else "no epoch had completed, nothing was saved")
             raise TrainingError(f"{e}; stopped, {kept}. Try a lower optimizer.lr, or check "
                                 f"{artifacts.CLASS_WEIGHTS}") from None
-        val_stats = evaluate(model, val_cache, val.masks, val_idx, cfg.batch_size, loss_fn, weights, run)
+        val_stats = evaluate(model, t.loss, val, run)
         row = history_row(epoch + 1, lr_at(epoch + 1, params), train_stats, val_stats)
-        improved = record_epoch(state, row, model, optimizer)
-        state.scaler = scaler.state_dict() if scaler.is_enabled() else None
-        if dist.main:  # the resume state; the other outputs are written once, at the end
-            artifacts.save_torch(out.last, vars(state))
-        log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.4f}/{row['val_loss']:.4f} | "
-            f"mIoU {row['train_iou']:.4f}/{row['val_iou']:.4f} | acc {row['train_acc']:.4f}/{row['val_acc']:.4f} | "
-            f"lr {row['lr']:.3g}" + (" *best" if improved else ""))
+        improved = record_epoch(state, row, t)
+        if dist.writes_outputs:  # the resume state; the other outputs are written once, at the end
+            atomic.save_torch(out.last, vars(state))
+        log(epoch_line(row, cfg.epochs) + (" *best" if improved else ""))
 
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - started
     state.complete = True
-    if dist.main:
+    if dist.writes_outputs:
         save_models(model, params, state, out)
-    train_forwards = train_cache.computed if train_cache else augmented_forwards
-    local = torch.tensor([val_cache.computed, val_cache.seconds, val_cache.computed + train_forwards],
-                         dtype=torch.float64, device=run.device)
-    return run_summary(state, cfg.epochs, start_epoch, seconds, dist.sum(local).tolist(), len(train), len(val))
+    local = [val_cache.computed + feed.forwards, val_cache.computed, val_cache.seconds]
+    work = BackboneWork(*dist.sum(torch.tensor(local, dtype=torch.float64, device=run.device)).tolist(),
+                        len(inputs.train), len(inputs.val))
+    return run_summary(state, cfg.epochs, start_epoch, seconds, work)
 
 
-def record_epoch(state: State, row: dict, model: Segmenter, optimizer: torch.optim.Optimizer) -> bool:
+def initial_state(t: Trainer, params: Params, state: State, last: Path, log: Callable[[str], None]) -> State:
+    """The run's first state: `state` loaded into the head, optimizer and loss scale, or a fresh one (the head
+    as initialised) when it does not fit them."""
+    if state.head is None:
+        return state
+    fresh_head = {k: v.clone() for k, v in t.model.head.state_dict().items()}
+    problem = resume(state, t)
+    if problem is None:
+        log(f"resume: continuing after epoch {state.epoch} from {last}")
+        return state
+    log(f"resume: ignoring {last} ({problem}); starting fresh")
+    t.model.head.load_state_dict(fresh_head)
+    t.optimizer = make_optimizer(params, [p for p in t.head.parameters() if p.requires_grad])
+    t.scaler = t.run.grad_scaler()
+    return State(state.fingerprint)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']:3d}/{epochs} | loss {row['train_loss']:.4f}/{row['val_loss']:.4f} | "
+            f"mIoU {row['train_iou']:.4f}/{row['val_iou']:.4f} | acc {row['train_acc']:.4f}/{row['val_acc']:.4f} | "
+            f"lr {row['lr']:.3g}")
+
+
+def record_epoch(state: State, row: dict, t: Trainer) -> bool:
     """Append the epoch to the state; keep the head as the best if its val mIoU beats every earlier epoch."""
     state.history.append(row)
     state.epoch = row["epoch"]
-    state.head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
-    state.optimizer = optimizer.state_dict()
+    state.head = {k: v.detach().cpu().clone() for k, v in t.model.head.state_dict().items()}
+    state.optimizer = t.optimizer.state_dict()
+    state.scaler = t.scaler.state_dict() if t.scaler.is_enabled() else None
     improved = row["val_iou"] > state.best_val_iou
     if improved:
         state.best_epoch, state.best_val_iou, state.best_head = row["epoch"], row["val_iou"], state.head
@@ -367,19 +421,27 @@ def save_models(model: Segmenter, params: Params, state: State, out: Outputs) ->
     final = head_checkpoint(model, params, epoch=state.epoch, val_iou=state.history[-1]["val_iou"])
     model.head.load_state_dict(state.best_head)
     best = head_checkpoint(model, params, epoch=state.best_epoch, val_iou=state.best_val_iou)
-    artifacts.save_torch(out.final, final)
-    artifacts.save_torch(out.best, best)
-    artifacts.save_torch(out.last, vars(state))
+    atomic.save_torch(out.final, final)
+    atomic.save_torch(out.best, best)
+    atomic.save_torch(out.last, vars(state))
     artifacts.write_history(state.history, out.history)
 
 
-def run_summary(state: State, epochs: int, start_epoch: int, seconds: float, backbone: list[float],
-                n_train: int, n_val: int) -> dict:
-    """The run's figures for metrics/train.json. `backbone`: (cached forwards, their seconds, all forwards),
-    summed over the processes."""
-    cached, cache_seconds, forwards = backbone
+@dataclass(frozen=True)
+class BackboneWork:
+    """A run's backbone forwards, summed over the processes, and the images an epoch would need without
+    caching."""
+    forwards: float
+    cached: float  # forwards of images whose features were cached
+    cached_seconds: float
+    train_images: int
+    val_images: int
+
+
+def run_summary(state: State, epochs: int, start_epoch: int, seconds: float, work: BackboneWork) -> dict:
+    """The run's figures for metrics/train.json."""
     ran = state.epoch - start_epoch
-    saved = ran * (n_train + n_val) - round(forwards)  # against no caching at all
+    saved = ran * (work.train_images + work.val_images) - round(work.forwards)  # against no caching at all
     return {
         "best_epoch": state.best_epoch,
         "best_val_iou": state.best_val_iou,
@@ -387,9 +449,9 @@ def run_summary(state: State, epochs: int, start_epoch: int, seconds: float, bac
         "stopped_early": state.epoch < epochs,
         "resumed_from_epoch": start_epoch,
         "train_seconds": round(seconds, 1),
-        "images_per_second": round(ran * n_train / seconds, 2) if seconds else None,
-        "backbone_forwards": round(forwards),
+        "images_per_second": round(ran * work.train_images / seconds, 2) if seconds else None,
+        "backbone_forwards": round(work.forwards),
         "backbone_forwards_saved": saved,
         # estimated from the time the val features took
-        "backbone_seconds_saved": round(saved * cache_seconds / cached, 1) if cached else None,
+        "backbone_seconds_saved": round(saved * work.cached_seconds / work.cached, 1) if work.cached else None,
     }

@@ -1,27 +1,17 @@
-"""The frozen backbone: DINOv2 ViT/14, state-dict compatible with facebookresearch/dinov2, and its weights."""
+"""The frozen backbone: DINOv2 ViT/14, state-dict compatible with facebookresearch/dinov2; the architecture only
+(its pretrained weights: offroad.weights)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from offroad.artifacts import load_error_reason
 from offroad.config import BACKBONES, PATCH, VIT_ARCHS
-from offroad.errors import PipelineError
 
 GRID = 37  # pos_embed grid: pretrained at 518 = 37 * 14
 REGISTERS = 4  # register tokens of the _reg variants
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-URL = "https://dl.fbaipublicfiles.com/dinov2"
-
-
-class WeightsError(PipelineError):
-    pass
-
-
 ATTENTION_KERNELS = ("sdpa", "matmul")
 
 
@@ -188,55 +178,6 @@ def build_backbone(name: str, seed: int = 0) -> DinoVisionTransformer:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return DinoVisionTransformer(*VIT_ARCHS[arch], num_registers=REGISTERS if name.endswith("_reg") else 0)
-
-
-def official_weights(name: str) -> tuple[str, Path]:
-    """URL of the official pretrained file and where it lives in the torch hub cache."""
-    base = name.removesuffix("_reg")
-    file = f"{base}_reg{REGISTERS}_pretrain.pth" if name.endswith("_reg") else f"{base}_pretrain.pth"
-    return f"{URL}/{base}/{file}", Path(torch.hub.get_dir()) / "checkpoints" / file
-
-
-def _fetch_official(name: str) -> Path:
-    url, path = official_weights(name)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, str(path))  # writes a temp file, renames when complete
-        except Exception as e:
-            raise WeightsError(f"could not download the official {name} weights from {url} ({e}); "
-                               f"download that file and place it at {path}") from None
-    return path
-
-
-def _few(keys: list[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def load_backbone_weights(backbone: DinoVisionTransformer, weights: str, name: str) -> str:
-    """Load `weights` ("random" | "dinov2" | a path) into the backbone; returns what was loaded."""
-    if weights == "random":
-        return "random initialisation"
-    path = _fetch_official(name) if weights == "dinov2" else Path(weights)
-    if not path.is_file():
-        raise WeightsError(f"model.weights: {path} does not exist (use 'random', 'dinov2' or a checkpoint path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a weights-only torch checkpoint ({load_error_reason(e)})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: expected a flat state dict of tensors (like the official {name} file)")
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {list(state[k].shape)} != {list(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{what}: {_few(keys)}" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if keys]
-    if problems:
-        raise WeightsError(f"{path} does not fit {name}: " + "; ".join(problems))
-    backbone.load_state_dict(state, strict=True)
-    return f"{name} weights from {path}"
 
 
 def preprocess(images: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 derived from them (python -m stages.class_weights)."""
 from __future__ import annotations
 
-from offroad import artifacts
+from offroad import artifacts, atomic
 from offroad.class_weights import compute_weights
 from offroad.config import load_params
 from offroad.errors import run_cli, warn
@@ -11,7 +11,7 @@ from offroad.errors import run_cli, warn
 def main() -> None:
     params = load_params()
     names, cfg = params.data.class_names, params.class_weights
-    artifacts.check_writable(artifacts.CLASS_WEIGHTS, artifacts.CLASS_STATS)
+    atomic.check_writable(artifacts.CLASS_WEIGHTS, artifacts.CLASS_STATS)
     folder = artifacts.PREPARED / "train"
     masks = artifacts.load_split(artifacts.PREPARED, "train", params.data).masks
     counts = artifacts.label_counts(masks, folder, params.data, "there are no class frequencies to weigh by")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from offroad import artifacts, bootstrap
+from offroad import artifacts, atomic, bootstrap
 from offroad.config import load_params
 from offroad.errors import run_cli, warn
-from offroad.evaluation import evaluate, image_features
+from offroad.evaluation import Scoring, evaluate, image_features
 from offroad.losses import build_loss
 from offroad.metrics import format_summary, history_table, rounded, sort_by_iou, summarize
 from offroad.runtime import Run, configure_cpu, resolve_device
@@ -19,7 +19,7 @@ def main() -> None:
     data, cfg = params.data, params.evaluate
     run = Run.from_params(params, resolve_device(params.train.device))
     print(f"evaluate: {run.device}, {run.precision}")
-    artifacts.check_writable(artifacts.EVAL_METRICS, artifacts.EVAL_TABLE, artifacts.PER_CLASS, artifacts.CONFUSION,
+    atomic.check_writable(artifacts.EVAL_METRICS, artifacts.EVAL_TABLE, artifacts.PER_CLASS, artifacts.CONFUSION,
                              artifacts.EXAMPLES)
     checkpoint = artifacts.CHECKPOINTS[params.train.checkpoint]
     model, ckpt = load_segmenter(checkpoint, params.model, data.class_names, run.device)
@@ -33,8 +33,9 @@ def main() -> None:
     weights = artifacts.read_class_weights(data.class_names).to(run.device) if params.loss.class_weighted else None
     loss_fn = build_loss(params.loss, weights, data.ignore_index)
     keep = min(cfg.examples, len(split))
-    result = evaluate(model, image_features(model, split.images, run), split.masks, np.arange(len(split)),
-                      cfg.batch_size, loss_fn, weights, run, keep)
+    images = Scoring(image_features(model, split.images, run), split.masks, np.arange(len(split)), cfg.batch_size,
+                     keep)
+    result = evaluate(model, loss_fn, images, run)
 
     summary = summarize(result.cm, data.class_names)
     report = {
@@ -50,9 +51,9 @@ def main() -> None:
               f"({len(split)} images, dataset-level scores from one confusion matrix)\n\n"
               f"Loss ({weighting}{params.loss.name}, mean per labelled pixel)  {result.loss:.4f}\n")
     table = format_summary(summary)
-    artifacts.write_json(artifacts.EVAL_METRICS, rounded(report, artifacts.DIGITS))
+    atomic.write_json(artifacts.EVAL_METRICS, rounded(report, artifacts.DIGITS))
     epochs = f"\nTraining history ({artifacts.HISTORY}, * = best val mIoU)\n{history_table(history)}"
-    artifacts.write_text(artifacts.EVAL_TABLE, header + table + epochs)
+    atomic.write_text(artifacts.EVAL_TABLE, header + table + epochs)
     artifacts.write_per_class(sort_by_iou(summary["per_class"]))
     artifacts.write_confusion(result.cm, data.class_names)
     artifacts.write_per_image(split.names, result.per_image, data.class_names)

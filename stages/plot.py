@@ -1,7 +1,7 @@
 """Stage `plot`: the PNGs a reviewer looks at, drawn from the train and evaluate outputs."""
 from __future__ import annotations
 
-from offroad import artifacts, figures
+from offroad import artifacts, atomic, figures
 from offroad.config import load_params
 from offroad.errors import PipelineError, run_cli
 from offroad.visualize import palette
@@ -9,7 +9,7 @@ from offroad.visualize import palette
 
 def main() -> None:
     params = load_params()
-    artifacts.check_writable(artifacts.FIGURES)
+    atomic.check_writable(artifacts.FIGURES)
     names, dpi = params.data.class_names, params.plot.dpi
     colors = dict(zip(names, palette(len(names))))
     history, per_class, stats = artifacts.read_history(), artifacts.read_per_class(), artifacts.read_class_stats()

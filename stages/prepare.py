@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 
-from offroad.artifacts import PREPARED, check_writable
+from offroad.artifacts import PREPARED
+from offroad.atomic import check_writable
 from offroad.config import load_params
 from offroad.data import list_splits, prepare_split
 from offroad.errors import run_cli

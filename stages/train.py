@@ -9,19 +9,20 @@ from __future__ import annotations
 import torch
 import torch.distributed
 
-from offroad import artifacts, launch
+from offroad import artifacts, atomic, launch
+from offroad.codebase import source_digest
 from offroad.config import load_params
 from offroad.errors import run_cli
 from offroad.runtime import Run, choose_attention, configure_cpu, init_distributed, resolve_device
 from offroad.segmenter import build_model, place
-from offroad.training import fit, warn_about_weights
+from offroad.training import RunInputs, fit, warn_about_weights
 
 
 def main() -> None:
     params = load_params()
     data = params.data
     # everything that can be checked is checked here, in seconds, not after the first epoch
-    artifacts.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, artifacts.TRAIN_METRICS,
+    atomic.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, artifacts.TRAIN_METRICS,
                              artifacts.HISTORY)
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
@@ -40,15 +41,12 @@ def main() -> None:
     run = Run.from_params(params, device, dist)
     torch.manual_seed(params.train.seed)  # the head's initial weights (torch seeds itself randomly at start-up)
     model = place(build_model(params.model, data.num_classes), run)
-    head = torch.compile(model.head) if params.train.compile else model.head
-    if dist.world > 1:
-        head = torch.nn.parallel.DistributedDataParallel(head)
 
-    log = print if dist.main else (lambda _: None)
+    log = print if dist.writes_outputs else (lambda _: None)
     log(f"train: {len(train)} train / {len(val)} val images, device {device}, {run.precision}, world {dist.world}, "
         f"backbone {params.model.backbone} ({params.model.weights}), augment {'on' if params.augment.enabled else 'off'}")
-    summary = fit(model, head, params, train, val, weights, run, log=log)
-    if dist.main:
+    summary = fit(model, params, RunInputs(train, val, weights, source_digest("stages.train")), run, log=log)
+    if dist.writes_outputs:
         artifacts.write_train_metrics({
             **summary, "device": device.type, "world_size": dist.world, "precision": run.precision,
             "attention": "{} ({})".format(*choose_attention(params.model.attention)),

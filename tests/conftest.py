@@ -14,7 +14,7 @@ import yaml
 
 from offroad.artifacts import PreparedSplit, load_split
 from offroad.data import prepare_split
-from offroad.config import Params, validate
+from offroad.config import Params, apply_overrides, validate
 from offroad.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +29,9 @@ REPORT_PIXELS = {"Sky": 132_501_218, "Landscape": 85_243_863, "Dry Grass": 66_29
 
 
 def with_overrides(overrides: dict[str, Any] | None = None) -> dict:
-    """The repo's params.yaml as a dict, with dotted-key overrides ({"data.image_size": [112, 56]})."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in (overrides or {}).items():
-        *parents, last = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return raw
+    """The repo's params.yaml as a dict, with dotted-key overrides ({"data.image_size": [112, 56]}; a new key
+    as "+optimizer.lrr", see offroad.config.apply_overrides)."""
+    return apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {}, "params.yaml")
 
 
 def write_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Path:

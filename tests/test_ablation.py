@@ -35,7 +35,7 @@ def test_shares_match_closed_form_ious_and_say_what_was_reverted():
     assert rows[0].reverted == {"optimizer.name": "sgd"}
     assert rows[1].share == pytest.approx((0, 0, 0)) and rows[1].reverted == {}
     assert whole["sum"][0] == pytest.approx(rows[0].share[0])
-    text = ablation.markdown(rows, whole, "phase2", "phase1", "miou", 1000, 0)
+    text = ablation.markdown(rows, whole, ablation.Compared("phase2", "phase1", "miou", 1000, 0))
     cells = rows_of(text)
     assert cells["no-adamw"][:2] == ["optimizer.name=sgd", f"{iou(0.8):.4f}"]
     assert cells["no-adamw"][-1] == "~40 %" and cells["no-amp"][-1] == "—"
@@ -81,5 +81,5 @@ def test_without_a_gain_there_is_no_share():
     same = np.zeros(N)
     full, base, part = run("phase2", 0.7, same), run("phase1", 0.7, same), run("no-adamw", 0.6, same)
     rows, whole = ablation.table(full, base, [part])
-    text = ablation.markdown(rows, whole, "phase2", "phase1", "miou", 1000, 0)
+    text = ablation.markdown(rows, whole, ablation.Compared("phase2", "phase1", "miou", 1000, 0))
     assert rows_of(text)["no-adamw"][3] == "—" and "The gain itself is within noise" in text

@@ -49,7 +49,7 @@ def test_intervals_are_percentiles_of_the_scores_of_resampled_images():
     summaries = [metrics.summarize(cms[d].sum(0), [f"c{k}" for k in range(K)]) for d in draws]
     assert any(s["per_class"]["c3"]["iou"] is None for s in summaries)  # class 3 missing from some resamples
     got = bootstrap.intervals(cms, resamples, seed)
-    for score in bootstrap.SCORES:
+    for score in metrics.SCORES:
         values = np.array([s[score] for s in summaries])
         assert got[score] == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])), abs=1e-12)
         point = metrics.summarize(cms.sum(0), [f"c{k}" for k in range(K)])[score]

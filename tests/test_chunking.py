@@ -7,7 +7,7 @@ import torch
 
 from offroad.runtime import Run
 from offroad.segmenter import build_model
-from offroad.training import Outputs, fit
+from offroad.training import Outputs, RunInputs, fit
 from tests.conftest import TINY, make_params
 
 
@@ -20,7 +20,7 @@ def history(tmp_path, tiny_dataset, backbone_batch):
     real_features = model.features
     model.features = lambda images: steps.append(len(images)) or real_features(images)
     out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
-    fit(model, model.head, params, tiny_dataset.train, tiny_dataset.val, None, Run.from_params(params, torch.device("cpu")),
+    fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), Run.from_params(params, torch.device("cpu")),
         out, log=lambda _: None)
     with open(out.history) as f:
         return list(csv.DictReader(f)), steps

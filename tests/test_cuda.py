@@ -4,6 +4,7 @@ Skipped without a GPU; `python -m bench.gpu_check` runs this file on one and fai
 """
 import csv
 import socket
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from offroad.augment import build_augment
 from offroad.data import SegmentationDataset
 from offroad.runtime import Run, init_distributed
 from offroad.segmenter import build_model
-from offroad.training import Outputs, augmented_loader, fit
+from offroad.training import Outputs, RunInputs, augmented_loader, fit
 from tests.conftest import TINY, make_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,14 +27,14 @@ TRAIN = {**TINY, "train.epochs": 2, "train.batch_size": 3, "train.device": "cuda
 COMPARED = ("train_loss", "val_loss", "val_acc")
 
 
-def fit_tiny(tmp_path, tiny_dataset, wrap=lambda head: head, dist=None, **overrides) -> tuple[list[dict], Outputs]:
-    """fit on the tiny dataset with TRAIN + overrides on DEVICE; `wrap` makes the head the optimizer sees."""
+def fit_tiny(tmp_path, tiny_dataset, dist=None, **overrides) -> tuple[list[dict], Outputs]:
+    """fit on the tiny dataset with TRAIN + overrides on DEVICE (in a process group, fit trains a DDP head)."""
     params = make_params({**TRAIN, **overrides})
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes).to(DEVICE)
     out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
     run = Run.from_params(params, DEVICE) if dist is None else Run.from_params(params, DEVICE, dist)
-    fit(model, wrap(model.head), params, tiny_dataset.train, tiny_dataset.val, None, run, out, log=lambda _: None)
+    fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), run, out, log=lambda _: None)
     with open(out.history) as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)], out
 
@@ -113,10 +114,10 @@ def test_augmented_loader_pins_batches_for_the_gpu(tiny_dataset):
 
 
 def test_compiled_head_trains_like_the_plain_one(tmp_path, tiny_dataset):
-    params = make_params({**TRAIN, "train.compile": True})
-    assert params.train.compile  # stages.train: torch.compile(model.head) if params.train.compile
     plain, plain_out = fit_tiny(tmp_path / "plain", tiny_dataset, **{"train.epochs": 1})
-    compiled, out = fit_tiny(tmp_path / "compiled", tiny_dataset, wrap=torch.compile, **{"train.epochs": 1})
+    with mock.patch("torch.compile", side_effect=torch.compile) as compile_:
+        compiled, out = fit_tiny(tmp_path / "compiled", tiny_dataset, **{"train.epochs": 1, "train.compile": True})
+    compile_.assert_called_once()
     assert_close_histories(plain, compiled, abs_tol=0.02)
     # the checkpoint holds the head's own parameter names, not the compiled wrapper's (_orig_mod.*)
     keys = [set(torch.load(p, weights_only=True)["head"]) for p in (plain_out.best, out.best)]
@@ -138,8 +139,10 @@ def test_one_nccl_process_trains_like_no_process_group(tmp_path, tiny_dataset, m
     try:
         assert torch.distributed.get_backend() == "nccl"
         assert (dist.rank, dist.world, device) == (0, 1, torch.device("cuda", 0))
-        ddp, _ = fit_tiny(tmp_path / "ddp", tiny_dataset, wrap=torch.nn.parallel.DistributedDataParallel,
-                          dist=dist, **{"train.epochs": 1})
+        with mock.patch("torch.nn.parallel.DistributedDataParallel",
+                        side_effect=torch.nn.parallel.DistributedDataParallel) as ddp_:
+            ddp, _ = fit_tiny(tmp_path / "ddp", tiny_dataset, dist=dist, **{"train.epochs": 1})
+        ddp_.assert_called_once()
     finally:
         torch.distributed.destroy_process_group()
     assert_close_histories(plain, ddp, abs_tol=1e-3)

@@ -180,8 +180,7 @@ def test_dataset_items_and_augment_seeds(tiny_dataset):
     flipped = ds[2][0]
     assert np.array_equal(flipped.numpy(), tiny_dataset.train.images[2][:, ::-1])
     ds[1], ds[2]
-    ds.set_epoch(1)
-    ds[2]
+    ds[1, 2]
     SegmentationDataset(tiny_dataset.train, record, seed=6)[2]
     # (seed, epoch, index): (5, 0, 2), (5, 0, 1), (5, 0, 2), (5, 1, 2), (6, 0, 2)
     assert calls[0] == calls[2] and len({calls[0], calls[1], calls[3], calls[4]}) == 4
@@ -194,8 +193,8 @@ def test_augmented_batches_do_not_depend_on_worker_count(tiny_dataset):
 
     def batches(workers):
         ds = SegmentationDataset(tiny_dataset.train, jitter, seed=3)
-        ds.set_epoch(4)
-        loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers)
+        keys = [(4, i) for i in range(len(ds))]  # epoch 4
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers, sampler=keys)
         return [b[0] for b in loader]
 
     serial, parallel = batches(0), batches(2)

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from offroad import launch
-from offroad.config import ParamsError
+from offroad.config import ParamsError, apply_overrides
 from tests.conftest import copy_repo, make_params
 
 # 5 train images in batches of 2: the last global batch has 1 image, so rank 1's share of it is empty
@@ -62,10 +62,7 @@ def prepared(tmp_path_factory) -> Path:
 
 def workspace(prepared: Path, tmp_path: Path, overrides: dict) -> Path:
     repo = Path(shutil.copytree(prepared, tmp_path / "repo", symlinks=True))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        params[section][name] = value
+    params = apply_overrides(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return repo
 

@@ -13,7 +13,7 @@ from offroad.heads import ConvNeXtHead
 from offroad.losses import build_loss
 from offroad.runtime import Dist, Run
 from offroad.segmenter import Segmenter
-from offroad.training import epoch_batches, make_optimizer, train_epoch
+from offroad.training import Trainer, epoch_batches, make_optimizer, train_epoch
 from offroad.vit import DinoVisionTransformer
 from tests.conftest import make_params
 
@@ -77,8 +77,8 @@ def train_one_epoch(model, feats, target, weights, batch_size, world):
         batches = epoch_batches(len(feats), batch_size, 0, 0, dist)
         inputs = ((feats[b], target[b]) for b, _ in batches)
         run = Run(torch.device("cpu"), False, K, IGNORE, dist)
-        stats = train_epoch(m, m.head, opt, run.grad_scaler(), build_loss(params.loss, weights, IGNORE), inputs,
-                            batches, weights, run, f"rank {rank}")
+        t = Trainer(m, m.head, opt, run.grad_scaler(), build_loss(params.loss, weights, IGNORE), run)
+        stats = train_epoch(t, inputs, batches, f"rank {rank}")
         results[rank] = (m.head.state_dict(), stats)
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]

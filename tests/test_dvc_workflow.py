@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offroad import ablation, codebase
-from offroad.config import load_params, validate
+from offroad import ablation, artifacts, codebase
+from offroad.config import load_params, read_overrides, validate
 from tests.test_review import rows as table_rows
 from tests.conftest import REPO, TINY, copy_repo, git, run_dvc, with_overrides, write_params
 
@@ -77,6 +77,21 @@ def test_the_library_never_imports_the_stages():
         assert not any(f.startswith("stages/") for f in import_closure(f"offroad.{path.stem}")), path
 
 
+def test_readme_lists_every_library_module_bottom_up():
+    table = (REPO / "README.md").read_text().split("| module | what it is |")[1].split("\n\n")[0]
+    listed = re.findall(r"`offroad/(\w+)\.py`", table)
+    assert sorted(listed) == sorted(p.stem for p in (REPO / "offroad").glob("*.py") if p.stem != "__init__")
+    for i, module in enumerate(listed):
+        imported = {f.removeprefix("offroad/").removesuffix(".py") for f in import_closure(f"offroad.{module}")}
+        assert imported <= set(listed[:i + 1]), f"offroad/{module}.py imports a module listed below it"
+
+
+def test_artifact_paths_are_stage_outputs_in_dvc_yaml():
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in DVC_YAML["stages"].values() for o in s.get("outs", [])}
+    paths = [*(v for v in vars(artifacts).values() if isinstance(v, Path)), *artifacts.CHECKPOINTS.values()]
+    assert len(paths) > 10 and {str(p) for p in paths} <= outs
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_params_name_existing_keys(stage):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -87,19 +102,9 @@ def test_stage_params_name_existing_keys(stage):
             node = node[part]
 
 
-def phase1_overrides() -> dict[str, object]:
-    """experiments/phase1.args (one `-S key=value` per line) as {key: value}, values parsed as YAML like DVC."""
-    overrides = {}
-    for line in PHASE1_ARGS.read_text().splitlines():
-        match = re.fullmatch(r"-S ([\w.]+)=(\S+)", line)
-        assert match, f"{PHASE1_ARGS}: not a `-S key=value` line: {line!r}"
-        overrides[match.group(1)] = yaml.safe_load(match.group(2))
-    return overrides
-
-
 def test_phase1_overrides_give_the_report_phase1_recipe():
     default = load_params(REPO / "params.yaml")
-    phase1 = validate(with_overrides(phase1_overrides()), str(PHASE1_ARGS))
+    phase1 = validate(with_overrides(read_overrides(PHASE1_ARGS)), str(PHASE1_ARGS))
     assert (phase1.train.epochs, phase1.train.amp, phase1.train.checkpoint, phase1.train.early_stopping_patience) \
         == (10, False, "final", 0)
     assert (phase1.optimizer.name, phase1.optimizer.lr, phase1.optimizer.momentum) == ("sgd", 1e-4, 0.9)
@@ -228,7 +233,7 @@ def test_queued_phase1_and_phase2_both_run(phases):
     queue = run_dvc(repo, "queue", "status").stdout
     assert re.search(r"phase1 .* Success", queue) and re.search(r"phase2 .* Success", queue)
     phase1 = validate(yaml.safe_load(exp_file(repo, "phase1", "params.yaml")), "phase1 params.yaml")
-    assert phase1 == validate(with_overrides({**TINY_RUN, **phase1_overrides()}), "expected")
+    assert phase1 == validate(with_overrides({**TINY_RUN, **read_overrides(PHASE1_ARGS)}), "expected")
     rows = history(exp_file(repo, "phase1", "plots/train/history.csv"))
     assert len(rows) == 10 and {float(row["lr"]) for row in rows} == {1e-4}
 
@@ -268,7 +273,7 @@ def test_metrics_and_params_diff_between_phase1_and_phase2(phases):
     assert re.search(r"^\| metrics/evaluate\.json +\| miou +\|", table, re.M)
 
     tiny = with_overrides(TINY_RUN)
-    changed = {k for k, v in phase1_overrides().items() if v != value_at(tiny, k)}
+    changed = {k for k, v in read_overrides(PHASE1_ARGS).items() if v != value_at(tiny, k)}
     params = json.loads(run_dvc(repo, "params", "diff", "phase1", "phase2", "--json").stdout)["params.yaml"]
     assert set(params) == changed
     exp = json.loads(run_dvc(repo, "exp", "diff", "phase1", "phase2", "--json").stdout)

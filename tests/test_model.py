@@ -14,7 +14,8 @@ from offroad.atomic import save_torch
 from offroad.errors import PipelineError
 from offroad.heads import MultiScaleHead
 from offroad.segmenter import Segmenter, build_model, head_checkpoint, load_segmenter
-from offroad.vit import WeightsError, attention, build_backbone, load_backbone_weights, official_weights, preprocess
+from offroad.vit import attention, build_backbone, preprocess
+from offroad.weights import WeightsError, load_backbone_weights, official_weights
 from offroad.config import load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -22,7 +23,8 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 def official_shapes(C: int, depth: int, registers: int = 0) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the official dinov2_vit*14[_reg4]_pretrain.pth (DESIGN.md §3)."""
+    """Keys and shapes of the official dinov2_vit*14[_reg4]_pretrain.pth, as the modules of facebookresearch/dinov2
+    (dinov2/models/vision_transformer.py, dinov2/layers/) name and size them."""
     shapes = {"cls_token": (1, 1, C), "pos_embed": (1, 1 + 37 * 37, C), "mask_token": (1, C),
               "patch_embed.proj.weight": (C, 3, 14, 14), "patch_embed.proj.bias": (C,),
               "norm.weight": (C,), "norm.bias": (C,)}

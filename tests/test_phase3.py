@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 
 import pytest
 import torch
-import yaml
 
-from offroad.config import load_params, validate
+from offroad.config import load_params, read_overrides, validate
 from offroad.runtime import Run
 from offroad.segmenter import build_model, load_segmenter
-from offroad.training import Outputs, fit
+from offroad.training import Outputs, RunInputs, fit
 from tests.conftest import REPO, TINY, with_overrides
 
 ARGS = {"phase3": REPO / "experiments/phase3.args", "phase2_multiscale": REPO / "experiments/phase2_multiscale.args"}
@@ -24,28 +22,18 @@ RECIPES = {
 }
 
 
-def read_args(path) -> dict:
-    """One `-S key=value` per line -> {key: value}, values parsed as YAML like DVC."""
-    found = {}
-    for line in path.read_text().splitlines():
-        match = re.fullmatch(r"-S ([\w.]+)=(\S+)", line)
-        assert match, f"{path}: not a `-S key=value` line: {line!r}"
-        found[match.group(1)] = yaml.safe_load(match.group(2))
-    return found
-
-
 @pytest.mark.parametrize("name", ARGS)
 def test_override_files_change_only_their_recipe_on_top_of_phase2(name):
-    assert read_args(ARGS[name]) == RECIPES[name]
+    assert read_overrides(ARGS[name]) == RECIPES[name]
     default = load_params(REPO / "params.yaml").model_dump()
-    recipe = validate(with_overrides(read_args(ARGS[name])), str(ARGS[name])).model_dump()
+    recipe = validate(with_overrides(read_overrides(ARGS[name])), str(ARGS[name])).model_dump()
     changed = {f"{section}.{key}" for section in default for key in default[section]
                if default[section][key] != recipe[section][key]}
     assert changed == {k for k, v in RECIPES[name].items() if with_overrides()[k.split(".")[0]][k.split(".")[1]] != v}
 
 
 def test_phase3_trains_and_evaluates_on_tiny_data(tiny_dataset, tmp_path):
-    overrides = {**TINY, **read_args(ARGS["phase3"]), "train.epochs": 1, "train.batch_size": 3,
+    overrides = {**TINY, **read_overrides(ARGS["phase3"]), "train.epochs": 1, "train.batch_size": 3,
                  "train.num_workers": 0, "train.device": "cpu", "model.head_channels": 16}
     params = validate(with_overrides(overrides), "phase3 tiny")
     torch.manual_seed(0)
@@ -54,7 +42,7 @@ def test_phase3_trains_and_evaluates_on_tiny_data(tiny_dataset, tmp_path):
     out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
     run = Run.from_params(params, torch.device("cpu"))
     weights = torch.linspace(0.5, 2.0, params.data.num_classes)
-    fit(model, model.head, params, tiny_dataset.train, tiny_dataset.val, weights, run, out, log=lambda _: None)
+    fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val, weights), run, out, log=lambda _: None)
     with open(out.history) as f:
         (row,) = list(csv.DictReader(f))
     assert all(math.isfinite(float(v)) for v in row.values())

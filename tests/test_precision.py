@@ -6,7 +6,7 @@ import torch
 
 from offroad.runtime import Run, choose_precision, cpu_flags, cpu_runs_bf16
 from offroad.segmenter import build_model, place
-from offroad.training import Outputs, fit
+from offroad.training import Outputs, RunInputs, fit
 from tests.conftest import TINY, make_params
 
 TRAIN = {**TINY, "train.epochs": 2, "train.batch_size": 3, "train.device": "cpu", "augment.enabled": False,
@@ -35,7 +35,7 @@ def test_fp16_training_scales_the_loss_and_tracks_fp32(tmp_path, tiny_dataset):
     rows = {}
     for name, overrides in {"fp32": {"train.amp": False}, "fp16": {"train.amp": True, "train.amp_dtype": "fp16"}}.items():
         params, model, out = train(tmp_path / name, **overrides)
-        fit(model, model.head, params, tiny_dataset.train, tiny_dataset.val, None, Run.from_params(params, torch.device("cpu")),
+        fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), Run.from_params(params, torch.device("cpu")),
             out, log=lambda _: None)
         with open(out.history) as f:
             rows[name] = list(csv.DictReader(f))

@@ -9,7 +9,7 @@ from offroad.artifacts import load_split
 from offroad.data import prepare_split
 from offroad.runtime import Run
 from offroad.segmenter import build_model
-from offroad.training import Outputs, fit
+from offroad.training import Outputs, RunInputs, fit
 from tests.conftest import TINY, make_params
 
 
@@ -23,10 +23,10 @@ def interrupted_then_resumed(tmp_path, first, second, params):
 
     with pytest.raises(KeyboardInterrupt):
         model = build_model(params.model, params.data.num_classes)
-        fit(model, model.head, params, *first, None, run, out, log=stop_after_epoch_1)
+        fit(model, params, RunInputs(*first), run, out, log=stop_after_epoch_1)
     lines = []
     model = build_model(params.model, params.data.num_classes)
-    fit(model, model.head, params, *second, None, run, out, log=lines.append)
+    fit(model, params, RunInputs(*second), run, out, log=lines.append)
     return lines[0]
 
 
@@ -82,7 +82,7 @@ def test_a_damaged_resume_state_is_ignored_with_its_reason(tiny_dataset, tmp_pat
     torch.save(state, out / "last.pt")
     model = build_model(params.model, params.data.num_classes)
     lines = []
-    fit(model, model.head, params, *data, None, Run.from_params(params, torch.device("cpu")),
+    fit(model, params, RunInputs(*data), Run.from_params(params, torch.device("cpu")),
         Outputs(*(out / f"{k}.pt" for k in ("best", "final", "last")), out / "history.csv"), log=lines.append)
     assert lines[0].startswith(f"resume: ignoring {out / 'last.pt'} (") and reason in lines[0]
     assert lines[0].endswith("; starting fresh")

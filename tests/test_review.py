@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offroad import ablation, bootstrap, review
+from offroad import ablation, bootstrap, metrics, review
 from offroad.errors import PipelineError
 from tests.conftest import copy_project, run_dvc
 
@@ -31,7 +31,7 @@ def image_cms(accuracy: np.ndarray) -> np.ndarray:
 def test_identical_runs_are_within_noise_everywhere():
     cms = image_cms(np.random.default_rng(0).uniform(0.2, 0.9, 25))
     result = bootstrap.paired(cms, cms.copy())
-    assert {s: r["verdict"] for s, r in result.items()} == dict.fromkeys(bootstrap.SCORES, "within noise")
+    assert {s: r["verdict"] for s, r in result.items()} == dict.fromkeys(metrics.SCORES, "within noise")
     assert all(r["change"] == r["low"] == r["high"] == 0 for r in result.values())
 
 
@@ -39,8 +39,8 @@ def test_a_large_real_difference_is_better_and_its_reverse_worse():
     rng = np.random.default_rng(1)
     old, new = image_cms(rng.uniform(0.4, 0.6, 20)), image_cms(rng.uniform(0.8, 0.95, 20))
     better, worse = bootstrap.paired(old, new), bootstrap.paired(new, old)
-    assert {s: r["verdict"] for s, r in better.items()} == dict.fromkeys(bootstrap.SCORES, "better")
-    assert {s: r["verdict"] for s, r in worse.items()} == dict.fromkeys(bootstrap.SCORES, "worse")
+    assert {s: r["verdict"] for s, r in better.items()} == dict.fromkeys(metrics.SCORES, "better")
+    assert {s: r["verdict"] for s, r in worse.items()} == dict.fromkeys(metrics.SCORES, "worse")
     assert better["pixel_accuracy"]["change"] == pytest.approx(new.trace(axis1=1, axis2=2).sum() / new.sum()
                                                                - old.trace(axis1=1, axis2=2).sum() / old.sum())
 
@@ -60,7 +60,7 @@ def test_pairing_decides_where_the_unpaired_intervals_overlap():
 
 def side(rev: str, cms: np.ndarray | None, lr: float = 5e-4) -> review.Side:
     names = ["Background", "Trees", "Sky"]
-    scores = bootstrap.scores(cms.sum(0)) if cms is not None else dict.fromkeys(bootstrap.SCORES, 0.5)
+    scores = metrics.dataset_scores(cms.sum(0)) if cms is not None else dict.fromkeys(metrics.SCORES, 0.5)
     per_image = None if cms is None else ([f"val_{i:03d}.png" for i in range(len(cms))], cms)
     return review.Side(rev, {"optimizer.lr": lr, "train.epochs": 30}, {**{k: float(v) for k, v in scores.items()},
                        "loss": 1.0, "best_epoch": 3}, {n: {"iou": 0.25 * i} for i, n in enumerate(names)},
@@ -129,8 +129,8 @@ def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):
     review.main(["HEAD", "--out", str(tmp_path / "same.md")])  # HEAD against the rerun workspace
     same = (tmp_path / "same.md").read_text()
     assert "No param changed." in same
-    verdicts = [cells[-1] for name, cells in rows(same).items() if name in bootstrap.SCORES]
-    assert verdicts == ["within noise"] * len(bootstrap.SCORES)
+    verdicts = [cells[-1] for name, cells in rows(same).items() if name in metrics.SCORES]
+    assert verdicts == ["within noise"] * len(metrics.SCORES)
     assert sorted(p.name for p in (tmp_path / "same_figures/new").iterdir()) == \
         sorted(p.name for p in (repo / "plots/images").iterdir())
 
@@ -141,7 +141,7 @@ def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):
     review.main(["HEAD", "batch1", "--out", str(tmp_path / "exp.md")])
     table = rows((tmp_path / "exp.md").read_text())
     assert table["evaluate.batch_size"] == ["8", "1"]
-    assert [table[s][-1] for s in bootstrap.SCORES] == ["within noise"] * len(bootstrap.SCORES)
+    assert [table[s][-1] for s in metrics.SCORES] == ["within noise"] * len(metrics.SCORES)
 
     with pytest.raises(PipelineError, match="no-such-rev: cannot read its params and metrics"):
         review.main(["no-such-rev"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from types import SimpleNamespace
 from unittest import mock
 
 from offroad.artifacts import HISTORY_COLUMNS
@@ -14,7 +15,8 @@ from offroad.augment import build_augment
 from offroad.losses import build_loss
 from offroad.runtime import Dist, Run
 from offroad.segmenter import build_model
-from offroad.training import Outputs, State, TrainingError, epoch_batches, fingerprint, fit, lr_at, record_epoch
+from offroad.training import (Outputs, RunInputs, State, TrainingError, epoch_batches, fingerprint, fit, lr_at,
+                               record_epoch)
 from tests.conftest import TINY, make_params
 
 TRAIN = {"train.epochs": 3, "train.batch_size": 4, "train.num_workers": 0, "train.device": "cpu"}
@@ -36,7 +38,7 @@ def run(tmp_path, splits, params, loss_fn=None, log=None):
     out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
     run_ = Run.from_params(params, torch.device("cpu"))
     with mock.patch("offroad.training.build_loss", side_effect=(lambda *_: loss_fn) if loss_fn else build_loss):
-        summary = fit(model, model.head, params, *splits, weights, run_, out, log=log or (lambda _: None))
+        summary = fit(model, params, RunInputs(*splits, weights), run_, out, log=log or (lambda _: None))
     with open(out.history) as f:
         rows = list(csv.DictReader(f))
     return summary, rows, vars(out)
@@ -162,6 +164,8 @@ def test_nan_loss_stops_with_epoch_and_batch_and_keeps_last_good_state(tmp_path,
         loss = real(logits, target)
         return loss * float("nan") if calls["n"] == 4 else loss  # epoch 1: batches 1-2 + val 1; epoch 2 batch 1
 
+    poisoned.pixel_weight = real.pixel_weight
+
     with pytest.raises(TrainingError, match=r"loss is nan at epoch 2, batch 1.*epoch 1"):
         run(tmp_path, splits, p, loss_fn=poisoned)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
@@ -211,9 +215,9 @@ def recorded(tmp_path_factory, splits):
         opt.register_step_pre_hook(lambda o, *_: step_lrs.append(o.param_groups[0]["lr"]))
         return opt
 
-    def recording_epoch(state, row, model, optimizer):
-        improved = record_epoch(state, row, model, optimizer)
-        heads.append({k: v.clone() for k, v in model.head.state_dict().items()})
+    def recording_epoch(state, row, t):
+        improved = record_epoch(state, row, t)
+        heads.append({k: v.clone() for k, v in t.model.head.state_dict().items()})
         return improved
 
     torch.manual_seed(0)
@@ -305,27 +309,30 @@ def test_optimizer_steps_with_the_cosine_lr_of_their_epoch(recorded):
 
 
 
-def test_fingerprint_covers_class_weights_and_every_code_file(tmp_path, splits, monkeypatch):
+def test_fingerprint_covers_class_weights_and_every_code_file_of_the_stage(tmp_path, splits, monkeypatch):
     import shutil
-    import offroad.training as training
-    from offroad.codebase import import_closure
+    from offroad import codebase
     p = tiny_params()
     w = torch.linspace(0.5, 2.0, 10)
-    base = fingerprint(p, *splits, w)
-    assert fingerprint(p, *splits, w.clone()) == base
-    assert fingerprint(p, *splits, w * 2) != base
-    assert fingerprint(p, *splits, None) != base
-    files = import_closure(training.TRAIN_ENTRY)
-    assert {"offroad/training.py", "offroad/losses.py", "offroad/segmenter.py"} <= {str(f) for f in files}
+
+    def fp(weights):
+        return fingerprint(p, RunInputs(*splits, weights, codebase.source_digest("stages.train")))
+
+    base = fp(w)
+    assert fp(w.clone()) == base
+    assert fp(w * 2) != base
+    assert fp(None) != base
+    files = codebase.import_closure("stages.train")
+    assert {"stages/train.py", "offroad/training.py", "offroad/losses.py", "offroad/segmenter.py"} <= {str(f) for f in files}
     for f in files:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(training.ROOT / f, tmp_path / f)
-    monkeypatch.setattr(training, "ROOT", tmp_path)
-    assert fingerprint(p, *splits, w) == base
+        shutil.copy(codebase.ROOT / f, tmp_path / f)
+    monkeypatch.setattr(codebase, "ROOT", tmp_path)
+    assert fp(w) == base
     for f in files:
         original = (tmp_path / f).read_bytes()
         (tmp_path / f).write_bytes(original + b"\n# changed\n")
-        assert fingerprint(p, *splits, w) != base, f
+        assert fp(w) != base, f
         (tmp_path / f).write_bytes(original)
 
 
@@ -339,7 +346,8 @@ def test_a_tie_keeps_the_earlier_best_and_the_state_holds_the_optimizer():
     for epoch, iou in ((1, 0.3), (2, 0.5), (3, 0.5), (4, 0.4)):
         with torch.no_grad():
             next(model.head.parameters()).add_(1.0)  # a different head every epoch
-        improved = record_epoch(state, {"epoch": epoch, "val_iou": iou}, model, optimizer)
+        trainer = SimpleNamespace(model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False))
+        improved = record_epoch(state, {"epoch": epoch, "val_iou": iou}, trainer)
         assert improved == (epoch in (1, 2))
         if epoch == 2:
             best = {k: v.clone() for k, v in model.head.state_dict().items()}

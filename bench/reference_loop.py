@@ -1,6 +1,6 @@
 """The train stage against the loop it replaces, on the same data in the same run.
 
-    python -m bench.hackathon [--train 8] [--val 4] [--epochs 3]
+    python -m bench.reference_loop [--train 8] [--val 4] [--epochs 3]
 
 The hackathon-style loop (the reference script's Phase 1): frozen backbone in fp32, PNG decode (PIL) and
 resize in every step, batch 2, SGD; each epoch a train pass, a val-loss pass, then metric passes over train
@@ -39,7 +39,7 @@ def read_pair(image_path: Path, mask_path: Path, lut: np.ndarray, size: tuple[in
     return image, mask.astype(np.int64)
 
 
-def hackathon_epoch(model: Segmenter, optimizer: torch.optim.Optimizer, pairs: dict[str, list], lut: np.ndarray,
+def reference_epoch(model: Segmenter, optimizer: torch.optim.Optimizer, pairs: dict[str, list], lut: np.ndarray,
                     size: tuple[int, int], batch_size: int = 2) -> float:
     """One epoch of the reference loop; returns its seconds."""
     start = time.perf_counter()
@@ -98,8 +98,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(params.model, params.data.num_classes)
         optimizer = torch.optim.SGD(model.head.parameters(), lr=1e-4, momentum=0.9)
-        hackathon_epoch(model, optimizer, {s: p[:2] for s, p in pairs.items()}, class_lut(params.data), size)  # warm-up
-        seconds = hackathon_epoch(model, optimizer, pairs, class_lut(params.data), size)
+        reference_epoch(model, optimizer, {s: p[:2] for s, p in pairs.items()}, class_lut(params.data), size)  # warm-up
+        seconds = reference_epoch(model, optimizer, pairs, class_lut(params.data), size)
         reference = args.train / seconds
         print(f"hackathon loop (Phase 1: fp32, PIL per step, batch 2, val-loss + 2 metric passes): "
               f"{reference:.2f} train images per epoch-second ({seconds:.1f} s per epoch)")

@@ -1,6 +1,6 @@
 """Full-scale rehearsal: the stages at the real dataset's size, with wall time, cores used, peak RSS and disk.
 
-    python -m bench.rehearsal [--train 2857] [--val 317] [--workdir DIR] [-S key=value ...]
+    python -m bench.full_scale [--train 2857] [--val 317] [--workdir DIR] [-S key=value ...]
 
 In a scratch copy of the project (--workdir, default a temporary folder), with params.yaml's synthetic split
 sizes set to --train / --val (the real dataset's 2857 / 317 by default) and any `-S key=value` overrides, runs
@@ -20,12 +20,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from offroad import artifacts
-from offroad.config import PATCH, VIT_ARCHS, load_params
+from offroad.config import PATCH, VIT_ARCHS, ParamsError, apply_overrides, load_params, parse_override, read_overrides
 from offroad.runtime import Run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,18 +35,12 @@ PHASE1 = REPO / "experiments/phase1.args"
 GB = 1024 ** 3
 
 
-def override(path: Path, pairs: list[str]) -> None:
-    """Set dotted keys in the params file at `path` from `key=value` strings (values parsed as YAML)."""
-    raw = yaml.safe_load(path.read_text())
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        *parents, last = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        if last not in node:
-            raise SystemExit(f"rehearsal: no param {key} in params.yaml")
-        node[last] = yaml.safe_load(value)
+def override(path: Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in the params file at `path` (offroad.config.apply_overrides)."""
+    try:
+        raw = apply_overrides(yaml.safe_load(path.read_text()), overrides, "params.yaml")
+    except ParamsError as e:
+        raise SystemExit(f"full_scale: {e}") from None
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -58,7 +53,7 @@ def run_stage(stage: str, cwd: Path, log: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"rehearsal: stage {stage} failed; its output is in {log}")
+        raise SystemExit(f"full_scale: stage {stage} failed; its output is in {log}")
     # ru_maxrss (KiB on Linux) covers the process and the children it waited for (decoding workers)
     return {"wall": wall, "cores": (usage.ru_utime + usage.ru_stime) / wall, "rss": usage.ru_maxrss * 1024 / GB}
 
@@ -76,21 +71,21 @@ def feature_cache_gb(params, cached_images: int) -> float:
     return cached_images * (width // PATCH) * (height // PATCH) * dim * dtype_bytes / GB
 
 
-def rehearse(work: Path, train: int, val: int, overrides: list[str]) -> list[dict]:
+def rehearse(work: Path, train: int, val: int, overrides: dict[str, Any]) -> list[dict]:
     for name in COPIED:
         src = REPO / name
         (shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy2(src, work / name))
     params_file = work / "params.yaml"
-    override(params_file, [*overrides, f"synthetic.train={train}", f"synthetic.val={val}"])  # the sizes win
+    override(params_file, {**overrides, "synthetic.train": train, "synthetic.val": val})  # the sizes win
     base = params_file.read_text()
     log = work / "rehearsal.log"
     rows = []
-    steps = [("synthesize", "synthesize", [], train + val, [artifacts.SYNTHETIC]),
-             ("prepare", "prepare", [], train + val, [artifacts.PREPARED]),
-             ("class_weights", "class_weights", [], train, [artifacts.CLASS_WEIGHTS]),
-             ("train: 1 Phase 2 epoch", "train", ["train.epochs=1"], train, [Path("models")]),
-             ("train: 1 Phase 1 epoch", "train", [*PHASE1.read_text().split()[1::2], "train.epochs=1"], train,
+    steps = [("synthesize", "synthesize", {}, train + val, [artifacts.SYNTHETIC]),
+             ("prepare", "prepare", {}, train + val, [artifacts.PREPARED]),
+             ("class_weights", "class_weights", {}, train, [artifacts.CLASS_WEIGHTS]),
+             ("train: 1 Phase 2 epoch", "train", {"train.epochs": 1}, train, [Path("models")]),
+             ("train: 1 Phase 1 epoch", "train", {**read_overrides(PHASE1), "train.epochs": 1}, train,
               [Path("models")])]
     for label, stage, extra, images, outs in steps:
         params_file.write_text(base)
@@ -107,7 +102,7 @@ def rehearse(work: Path, train: int, val: int, overrides: list[str]) -> list[dic
             row["cache"] = feature_cache_gb(params, val + (0 if params.augment.enabled else train))
             row["train_seconds"] = json.loads((work / artifacts.TRAIN_SPEED).read_text())["train_seconds"]
         rows.append(row)
-        print(f"rehearsal: {label}: {row['wall']:.0f} s", file=sys.stderr, flush=True)
+        print(f"full_scale: {label}: {row['wall']:.0f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -135,18 +130,22 @@ def cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m bench.rehearsal", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.full_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=2857)
     parser.add_argument("--val", type=int, default=317)
     parser.add_argument("--workdir", type=Path, help="scratch folder, kept (default: a temporary one, removed)")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    try:
+        overrides = dict(parse_override(o) for o in args.overrides)
+    except ParamsError as e:
+        parser.error(str(e))
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=False)
-        rows = rehearse(args.workdir, args.train, args.val, args.overrides)
+        rows = rehearse(args.workdir, args.train, args.val, overrides)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = rehearse(Path(tmp), args.train, args.val, args.overrides)
+            rows = rehearse(Path(tmp), args.train, args.val, overrides)
     text = table(rows, cpu_model())
     print(text, end="")
     return text

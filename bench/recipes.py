@@ -1,7 +1,7 @@
 """Train-step images/s of the Phase 2 and Phase 3 recipes (and Phase 2 with the multi-scale head), in one run,
 and the 30-epoch train time they project at the real dataset's size.
 
-    python -m bench.phase3 [--steps 4] [--train 2857] [--val 317]
+    python -m bench.recipes [--steps 4] [--train 2857] [--val 317]
 
 Each recipe is params.yaml plus its experiments/*.args overrides. A step is what training does per batch with
 augmentation on: backbone features (frozen, no grad), head forward and backward, loss, optimizer step, at the
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from bench.backbone import best_seconds, matmul_gflops
 from bench.train_step import with_changes
-from offroad.config import Params, load_params
+from offroad.config import Params, load_params, read_overrides
 from offroad.losses import build_loss
 from offroad.runtime import Run, configure_cpu, resolve_device
 from offroad.segmenter import build_model, place
@@ -30,13 +28,6 @@ from offroad.training import make_optimizer
 
 RECIPES = {"phase2": None, "phase2-multiscale": "experiments/phase2_multiscale.args",
            "phase3": "experiments/phase3.args"}
-
-
-def overrides(path: str | None) -> dict:
-    """`-S key=value` lines as {key: value}, values parsed as YAML (as `dvc exp run -S` does)."""
-    lines = Path(path).read_text().splitlines() if path else []
-    pairs = (line.removeprefix("-S ").split("=", 1) for line in lines if line.strip())
-    return {key: yaml.safe_load(value) for key, value in pairs}
 
 
 def rates(params: Params, device: torch.device, steps: int) -> dict[str, float]:
@@ -100,7 +91,7 @@ def main() -> None:
                                             for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
     first = None
     for name, path in RECIPES.items():
-        params = with_changes(base, overrides(path))
+        params = with_changes(base, read_overrides(path) if path else {})
         r = rates(params, device, args.steps)
         hours = (epochs * (args.train / r["step"] + args.val / r["head"]) + args.val / r["backbone"]) / 3600
         first = first or r["step"]
