@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     review.check_report_out(args.out, args.force, figures=False)
     parts = args.parts or default_parts()
     full, base, *ablated = (review.read_side(rev, figures=False) for rev in (args.full, args.base, *parts))
+    review.same_classes([full, base, *ablated])
     rows, whole = table(full, base, ablated, args.score, args.resamples, args.seed)
     compared = Compared(args.full, args.base, args.score, args.resamples, args.seed)
     review.emit(markdown(rows, whole, compared), args.out, "ablation")

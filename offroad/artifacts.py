@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from offroad.atomic import atomic_dir, atomic_path, write_json, write_text
-from offroad.config import Data
+from offroad.config import MAX_SIDE, Data
 from offroad.errors import PipelineError
 
 SYNTHETIC = Path("data/synthetic")
@@ -285,22 +285,30 @@ def parse_per_image(text: str, class_names: list[str], source: str | Path = PER_
     """(image names in file order, int64 [N, K, K]) from the text of a per-image file. Images without a labelled
     pixel have no row: they would add nothing to any score."""
     index = {name: i for i, name in enumerate(class_names)}
+    if text and not text.endswith("\n"):
+        raise ArtifactError(f"{source}: the last row ends without a newline: the file was cut off")
     reader = csv.DictReader(io.StringIO(text))
     if tuple(reader.fieldnames or ()) != PER_IMAGE_COLUMNS:
         raise ArtifactError(f"{source}: header {reader.fieldnames} is not {','.join(PER_IMAGE_COLUMNS)}")
     images: dict[str, int] = {}
-    cells = []
-    try:
-        for r in reader:
-            cells.append((images.setdefault(r["image"], len(images)), index[r["truth"]], index[r["prediction"]],
-                          int(r["count"])))
-    except KeyError as e:
-        raise ArtifactError(f"{source}: class {e} is not in data.classes {list(class_names)}") from None
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{source}: bad row ({e})") from None
+    cells: dict[tuple[int, int, int], int] = {}
+    for line, r in enumerate(reader, start=2):
+        try:
+            cell = images.setdefault(r["image"], len(images)), index[r["truth"]], index[r["prediction"]]
+            count = int(r["count"])
+        except KeyError as e:
+            raise ArtifactError(f"{source}: line {line}: class {e} is not in data.classes {list(class_names)}") from None
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{source}: line {line}: bad row ({e})") from None
+        if not 0 < count <= MAX_SIDE ** 2:
+            raise ArtifactError(f"{source}: line {line}: count {count} is not a pixel count (1..{MAX_SIDE ** 2})")
+        if cell in cells:
+            raise ArtifactError(f"{source}: line {line}: a second row for image {r['image']!r}, "
+                                f"{r['truth']} -> {r['prediction']}")
+        cells[cell] = count
     counts = np.zeros((len(images), len(class_names), len(class_names)), np.int64)
-    for i, t, p, c in cells:
-        counts[i, t, p] += c
+    for (i, t, p), c in cells.items():
+        counts[i, t, p] = c
     return list(images), counts
 
 
@@ -340,6 +348,8 @@ def read_examples(path: Path = EXAMPLES) -> dict[str, np.ndarray]:
 def read_torch(path: str | Path, what: str = "checkpoint") -> Any:
     """torch.load with weights_only: tensors and plain containers, never code."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a folder, not a {what} file (e.g. {CHECKPOINTS['best']})")
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} not found" + (" (run `dvc repro train`)" if what == "checkpoint" else ""))
     try:

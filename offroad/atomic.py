@@ -1,4 +1,5 @@
-"""Atomic writes: every file a stage produces appears complete or not at all."""
+"""Atomic writes: every file a stage produces appears complete or not at all, and with `together` a stage's
+files as one set."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,7 @@ import torch
 from offroad.errors import PipelineError
 
 TMP_SUFFIX = ".tmp"
+_held: list[tuple[Path, Path]] | None = None  # (temporary, path) renames that `together` holds back
 
 
 class WriteError(PipelineError):
@@ -35,17 +37,42 @@ def _reported(path: Path, *temporaries: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds (inside
+    `together`: once the whole set succeeded)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     with _reported(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(path)
+        held = False
         try:
             yield tmp
-            os.replace(tmp, path)
+            if _held is None:
+                os.replace(tmp, path)
+            else:
+                _held.append((tmp, path))
+                held = True
         finally:
+            if not held:
+                tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """The files written inside the block replace their paths only once all of them are written: a failure,
+    a full disk or an interrupt inside leaves every earlier file as it was. The renames then follow each other
+    at once."""
+    global _held
+    outer, _held = _held, []
+    try:
+        yield
+        for tmp, path in _held:
+            with _reported(path, tmp):
+                os.replace(tmp, path)
+    finally:
+        for tmp, _ in _held:
             tmp.unlink(missing_ok=True)
+        _held = outer
 
 
 @contextlib.contextmanager

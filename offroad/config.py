@@ -58,6 +58,7 @@ Prob = Real(ge=0.0, le=1.0)
 Seed = Int(0, 2**32 - 1)
 Workers = Int(0, 256)  # 0 = all cores
 Batch = Int(1, 4096)
+MAX_SIDE = 4096  # of data.image_size
 
 
 class Section(BaseModel):
@@ -71,7 +72,7 @@ class ClassSpec(Section):
 
 class Data(Section):
     root: str
-    image_size: tuple[Int(1, 4096), Int(1, 4096)]  # [width, height]
+    image_size: tuple[Int(1, MAX_SIDE), Int(1, MAX_SIDE)]  # [width, height]
     ignore_index: Annotated[int, Field(ge=0, le=255, strict=True)]
     ignore_raw: list[Annotated[int, Field(ge=0, le=65535, strict=True)]] = []
     classes: list[ClassSpec] = Field(min_length=2)

@@ -4,20 +4,27 @@
 `train.processes` workers on this node, each running the same module with WORLD_SIZE set (the worker path of
 the stage). Nodes find each other through torchrun's c10d rendezvous at OFFROAD_RDZV_ENDPOINT; ranks are
 assigned by it. A worker that fails stops them all (no restarts) and the launcher names its rank.
+
+On one node nothing listens beyond loopback: the rendezvous and the process group meet in files of a private
+temporary folder (torch's TCP stores have no authentication and listen on every interface), and gloo and
+NCCL connect over `lo`. Several nodes need the TCP store at the endpoint: see README "GPUs".
 """
 from __future__ import annotations
 
 import logging
 import os
+import contextlib
 import signal
 import sys
+import tempfile
 import uuid
+from typing import Iterator
 
 import torch
 
 from offroad.config import Train
 from offroad.errors import PipelineError, die_with_parent
-from offroad.runtime import launched
+from offroad.runtime import INIT_FILE, launched
 
 RDZV_ENDPOINT = "OFFROAD_RDZV_ENDPOINT"  # host:port of the c10d rendezvous, the same on every node
 RDZV_ID = "OFFROAD_RDZV_ID"  # optional: tells apart several multi-node jobs sharing one endpoint
@@ -53,21 +60,52 @@ def check(cfg: Train, device: torch.device) -> None:
 def launch(cfg: Train, device: torch.device, module: str, log=print) -> None:
     """Run `python -m module` in cfg.processes workers on this node (and join cfg.nodes - 1 other nodes);
     return when all have finished, raise LaunchError naming the rank of the first that failed."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    check(cfg, device)
+    world = cfg.processes * cfg.nodes
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is reported below
+    with tempfile.TemporaryDirectory(prefix="offroad-rdzv-") as meeting, rendezvous(cfg, meeting) as (endpoint, extra):
+        config = LaunchConfig(min_nodes=cfg.nodes, max_nodes=cfg.nodes, nproc_per_node=cfg.processes,
+                              run_id=os.environ.get(RDZV_ID, "offroad-train") if cfg.nodes > 1 else uuid.uuid4().hex,
+                              rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=extra, max_restarts=0)
+        where = f"c10d at {endpoint}" if cfg.nodes > 1 else "in a private folder, loopback only"
+        log(f"train: launching {cfg.processes} process(es) on this node, {cfg.nodes} node(s), world {world}, "
+            f"{'nccl' if device.type == 'cuda' else 'gloo'}, rendezvous {where}")
+        run_workers(config, module, endpoint, cfg.nodes, world)
+
+
+@contextlib.contextmanager
+def rendezvous(cfg: Train, folder: str) -> Iterator[tuple[str, dict]]:
+    """The rendezvous endpoint and its configs, with what the workers inherit through the environment while
+    they run: the launcher's pid and, on one node, files in `folder` and loopback networking."""
+    settings = {LAUNCHER_PID: str(os.getpid())}
+    if cfg.nodes == 1:
+        settings |= {INIT_FILE: os.path.join(folder, "group"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                     "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                     "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "lo")}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        if cfg.nodes > 1:
+            yield os.environ[RDZV_ENDPOINT], {}
+        else:
+            yield os.path.join(folder, "rendezvous"), {"store_type": "file"}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def run_workers(config, module: str, endpoint: str, nodes: int, world: int) -> None:
+    """The elastic launch of `config` running `python -m module`; its failures as one LaunchError line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    check(cfg, device)
-    endpoint = os.environ[RDZV_ENDPOINT] if cfg.nodes > 1 else "localhost:0"  # :0 = any free port
-    run_id = os.environ.get(RDZV_ID, "offroad-train") if cfg.nodes > 1 else uuid.uuid4().hex
-    config = LaunchConfig(min_nodes=cfg.nodes, max_nodes=cfg.nodes, nproc_per_node=cfg.processes, run_id=run_id,
-                          rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0)
-    world = cfg.processes * cfg.nodes
-    log(f"train: launching {cfg.processes} process(es) on this node, {cfg.nodes} node(s), world {world}, "
-        f"{'nccl' if device.type == 'cuda' else 'gloo'}, rendezvous c10d at {endpoint}")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is reported below
-    os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", module)
     except ChildFailedError as e:
@@ -76,7 +114,7 @@ def launch(cfg: Train, device: torch.device, module: str, log=print) -> None:
         raise LaunchError(f"train: stopped by {e.sigval.name}, all {world} workers too; models/last.pt keeps the "
                           "last completed epoch and `dvc repro` resumes from it") from None
     except RendezvousError as e:
-        raise LaunchError(f"rendezvous at {endpoint} failed: not all {cfg.nodes} nodes joined "
+        raise LaunchError(f"rendezvous at {endpoint} failed: not all {nodes} nodes joined "
                           f"({type(e).__name__}: {e})") from None
 
 

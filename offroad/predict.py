@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from offroad import artifacts, atomic
-from offroad.config import load_params
+from offroad.config import Data, load_params
 from offroad.data import class_lut, map_mask, resize_area, resize_labels
 from offroad.errors import PipelineError, run_cli
 from offroad.metrics import confusion_matrix, format_summary, rounded, summarize
@@ -115,26 +115,33 @@ def main(argv: list[str] | None = None) -> None:
     print(f"predict: {device}, {run.precision}", file=sys.stderr)
     segmenter = place(load_segmenter(checkpoint, params.model, names, device)[0], run)
 
+    with atomic.together():  # the masks, overlays and metrics of one run: all new, or all as before
+        cm = predict_all(segmenter, images, masks, args.out, data, run)
+        print(f"predict: wrote {len(images)} masks and overlays to {args.out}/ using {checkpoint}")
+        if masks:
+            summary = summarize(cm, names)
+            atomic.write_json(args.out / "metrics.json",
+                              rounded({"checkpoint": str(checkpoint), "images": len(images), **summary}))
+            print(f"scored against {masks_dir}:\n{format_summary(summary)}", end="")
+
+
+def predict_all(segmenter: Segmenter, images: list[Path], masks: list[Path] | None, out: Path, data: Data,
+                run: Run) -> torch.Tensor:
+    """Write each image's mask and overlay under `out`; the confusion matrix against `masks` (zeros without)."""
     lut = class_lut(data)
     cm = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
     for i, path in enumerate(tqdm(images, desc="predict", unit="img", disable=None)):
         image = read_image(path)
-        pred = segment(segmenter, image, tuple(data.image_size), device, run.amp, run.amp_dtype)
-        write_png(args.out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))
-        side_by_side = np.hstack([image, overlay(image, pred, data.num_classes)])
-        write_png(args.out / "overlays" / f"{path.stem}.png", side_by_side)
+        pred = segment(segmenter, image, tuple(data.image_size), run.device, run.amp, run.amp_dtype)
+        write_png(out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))
+        write_png(out / "overlays" / f"{path.stem}.png", np.hstack([image, overlay(image, pred, data.num_classes)]))
         if masks:
             target = map_mask(read_mask(masks[i]), lut, masks[i])
             if target.shape != pred.shape:
                 raise PredictError(f"{masks[i]}: mask is {target.shape[::-1]}, image {path} is {pred.shape[::-1]}")
             cm += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), data.num_classes,
                                    data.ignore_index)
-    print(f"predict: wrote {len(images)} masks and overlays to {args.out}/ using {checkpoint}")
-    if masks:
-        summary = summarize(cm, names)
-        atomic.write_json(args.out / "metrics.json",
-                             rounded({"checkpoint": str(checkpoint), "images": len(images), **summary}))
-        print(f"scored against {masks_dir}:\n{format_summary(summary)}", end="")
+    return cm
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ single-channel raw class ids), optionally one folder deeper.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,9 @@ import numpy as np
 from offroad.errors import PipelineError, warn
 
 IMAGES, MASKS = "Color_Images", "Segmentation"
+MAX_PIXELS = 100_000_000  # a PNG with more is refused before it is decoded (a decompression bomb)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GREY = 0  # PNG colour type
 
 
 class DataError(PipelineError):
@@ -36,6 +40,9 @@ def find_split(root: str | Path, split: str) -> Path:
 
 
 def _pngs(folder: Path) -> dict[str, Path]:
+    dangling = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
+    if dangling:
+        raise DataError(f"{folder}: {len(dangling)} symbolic link(s) point at nothing: {', '.join(dangling[:5])}")
     files = sorted(p for p in folder.iterdir() if p.is_file())
     undecodable = [p.name for p in files if not _is_utf8(p.name)]
     if undecodable:  # the names are stored in split.json and drawn in figures: they must be text
@@ -68,6 +75,14 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+def png_header(buf: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's header bytes; None for another format."""
+    if buf[:8].tobytes() != PNG_SIGNATURE or buf[12:16].tobytes() != b"IHDR" or len(buf) < 26:
+        return None
+    width, height = struct.unpack(">II", buf[16:24].tobytes())
+    return width, height, int(buf[24]), int(buf[25])
+
+
 def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
     """Decode from the file's bytes: cv2.imread takes the path as UTF-8 and crashes on any other name."""
     try:
@@ -76,6 +91,12 @@ def _decode(path: str | Path, flags: int, what: str) -> np.ndarray:
         buf = np.zeros(0, np.uint8)
     except OSError as e:
         raise DataError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    header = png_header(buf)
+    if header and header[0] * header[1] > MAX_PIXELS:
+        raise DataError(f"{path}: {header[0]}x{header[1]} pixels, more than the {MAX_PIXELS:,} pixels allowed")
+    if header and what == "image" and header[2:] == (16, GREY):
+        raise DataError(f"{path}: a 16-bit single-channel PNG is a mask of class ids, not an image (were the "
+                        f"masks given as images?)")
     decoded = cv2.imdecode(buf, flags) if buf.size else None
     if decoded is None:
         raise DataError(f"{path}: cannot decode {what} (missing, empty, corrupt or truncated)")

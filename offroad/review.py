@@ -24,7 +24,7 @@ import yaml
 
 from offroad import artifacts, atomic, bootstrap
 from offroad.errors import PipelineError, run_cli
-from offroad.metrics import SCORES
+from offroad.metrics import SCORES, dataset_scores
 
 WORKSPACE = "workspace"
 MAX_RESAMPLES = 100_000  # each resample is an [N] row of draw counts and a [K, K] matrix per side
@@ -42,6 +42,10 @@ class Side:
     per_class: dict[str, dict]  # evaluate.json's per_class
     per_image: tuple[list[str], np.ndarray] | None  # image names and [N, K, K] counts; None when not there
     figures: dict[str, bytes]  # plots/images/NAME.png -> bytes
+
+    @property
+    def classes(self) -> list[str]:
+        return [c.get("name") for c in self.params.get("data.classes", []) if isinstance(c, dict)]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -78,9 +82,37 @@ def read_side(rev: str, figures: bool = True) -> Side:
     class_names = [c["name"] for c in params.get("data", {}).get("classes", [])]
     text = read(artifacts.PER_IMAGE)
     per_image = None if text is None else artifacts.parse_per_image(text, class_names, f"{rev}:{artifacts.PER_IMAGE}")
+    if per_image is not None:
+        check_one_evaluation(rev, evaluation, per_image[1])
     metrics = {k: v for k, v in flatten({**train, **evaluation}).items() if not k.startswith("per_class.")}
     return Side(rev, flatten(params), metrics, evaluation.get("per_class", {}), per_image,
                 {p: read(Path(p), "rb") for p in figure_paths(fs)} if figures else {})
+
+
+def check_one_evaluation(rev: str, evaluation: dict, per_image: np.ndarray) -> None:
+    """The per-image matrices and evaluate.json must come from the same evaluation: not more images than it
+    scored, and the same dataset scores (to evaluate.json's rounding)."""
+    where = f"{rev}: {artifacts.PER_IMAGE} and {artifacts.EVAL_METRICS}"
+    fix = "rerun `dvc repro evaluate`" if rev == WORKSPACE else "rerun that revision's evaluation"
+    images = evaluation.get("images")
+    if isinstance(images, int) and len(per_image) > images:
+        raise ReviewError(f"{where} disagree: {len(per_image)} images against {images}; {fix}")
+    recomputed = dataset_scores(per_image.sum(0)) if len(per_image) else {}
+    for score in ("miou", "pixel_accuracy"):
+        stored = evaluation.get(score)
+        if _is_number(stored) and score in recomputed and not abs(recomputed[score] - stored) <= 10 ** -artifacts.DIGITS:
+            raise ReviewError(f"{where} disagree: {score} {float(recomputed[score]):.5f} from the images against "
+                              f"{stored}; they come from different evaluations (one was interrupted?); {fix}")
+
+
+def same_classes(sides: list[Side]) -> None:
+    """Scores over different class lists cannot be compared."""
+    first = sides[0]
+    for side in sides[1:]:
+        if side.classes != first.classes:
+            raise ReviewError(f"`{first.rev}` has {len(first.classes)} classes and `{side.rev}` {len(side.classes)} "
+                              f"({', '.join(sorted(set(first.classes) ^ set(side.classes))) or 'in another order'}): "
+                              "their scores cannot be compared")
 
 
 def _json(text: str | None, where: str) -> dict:
@@ -226,6 +258,7 @@ def figures_section(old: Side, new: Side, out: Path | None) -> list[str]:
 
 def report(old: Side, new: Side, resamples: int = bootstrap.RESAMPLES, seed: int = bootstrap.SEED,
            out: Path | None = None) -> str:
+    same_classes([old, new])
     sections = [[f"## Review: `{old.rev}` → `{new.rev}`"], params_section(old, new),
                 metrics_section(old, new, resamples, seed), per_class_section(old, new),
                 figures_section(old, new, out)]

@@ -140,6 +140,7 @@ class Run:
 
 
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set with WORLD_SIZE by a launcher
+INIT_FILE = "OFFROAD_INIT_FILE"  # one node: the process group meets in this file, on no network port
 
 
 def launched() -> bool:
@@ -160,7 +161,12 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     of the local rank), gloo on the CPU."""
     if not launched():
         return Dist(), device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if INIT_FILE in os.environ:
+        dist.init_process_group(backend, init_method=f"file://{os.environ[INIT_FILE]}",
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend)
     local = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local)

@@ -51,14 +51,15 @@ def main() -> None:
               f"({len(split)} images, dataset-level scores from one confusion matrix)\n\n"
               f"Loss ({weighting}{params.loss.name}, mean per labelled pixel)  {result.loss:.4f}\n")
     table = format_summary(summary)
-    atomic.write_json(artifacts.EVAL_METRICS, rounded(report, artifacts.DIGITS))
     epochs = f"\nTraining history ({artifacts.HISTORY}, * = best val mIoU)\n{history_table(history)}"
-    atomic.write_text(artifacts.EVAL_TABLE, header + table + epochs)
-    artifacts.write_per_class(sort_by_iou(summary["per_class"]))
-    artifacts.write_confusion(result.cm, data.class_names)
-    artifacts.write_per_image(split.names, result.per_image, data.class_names)
-    artifacts.write_examples({"images": split.images[:keep], "masks": split.masks[:keep], "preds": result.preds,
-                              "names": np.array(split.names[:keep], dtype=str)})
+    with atomic.together():  # one set: all new or all as before
+        atomic.write_json(artifacts.EVAL_METRICS, rounded(report, artifacts.DIGITS))
+        atomic.write_text(artifacts.EVAL_TABLE, header + table + epochs)
+        artifacts.write_per_class(sort_by_iou(summary["per_class"]))
+        artifacts.write_confusion(result.cm, data.class_names)
+        artifacts.write_per_image(split.names, result.per_image, data.class_names)
+        artifacts.write_examples({"images": split.images[:keep], "masks": split.masks[:keep], "preds": result.preds,
+                                  "names": np.array(split.names[:keep], dtype=str)})
     print(header + table, end="")
 
 

@@ -28,8 +28,9 @@ def main() -> None:
         "class_distribution.png": figures.class_distribution(stats, colors),
         "predictions.png": figures.predictions(artifacts.read_examples(), names),
     }
-    for filename, fig in drawn.items():
-        figures.save(fig, artifacts.FIGURES / filename, dpi)
+    with atomic.together():  # one set: all new or all as before
+        for filename, fig in drawn.items():
+            figures.save(fig, artifacts.FIGURES / filename, dpi)
     print(f"plot: wrote {len(drawn)} PNGs to {artifacts.FIGURES}/")
 
 

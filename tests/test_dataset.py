@@ -1,4 +1,7 @@
 import json
+import struct
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -111,7 +114,27 @@ BAD_INPUTS = {
                        "train", r"b.png: raw ids \[1234, 4321\] are not in data.classes"),
     "size mismatch": (lambda d: cv2.imwrite(str(d / "Segmentation" / "c.png"), np.zeros((14, 56), np.uint16)),
                       "train", "c.png: mask is 56x14 but its image is 56x28"),
+    "dangling symlinks": (lambda d: [_dangle(d / f / "a.png") for f in ("Color_Images", "Segmentation")],
+                          "train", r"Color_Images: 1 symbolic link\(s\) point at nothing: a.png"),
+    "a mask as the image": (lambda d: cv2.imwrite(str(d / "Color_Images" / "a.png"), np.zeros((28, 56), np.uint16)),
+                            "train", "a.png: a 16-bit single-channel PNG is a mask of class ids, not an image"),
+    "decompression bomb": (lambda d: _bomb(d / "Color_Images" / "b.png", 30000, 30000), "train",
+                           "b.png: 30000x30000 pixels, more than the 100,000,000 pixels allowed"),
 }
+
+
+def _dangle(path):
+    path.unlink()
+    path.symlink_to(path.with_name("gone.png"))
+
+
+def _bomb(path, width, height):
+    """A PNG whose header declares width x height pixels (its data is never reached)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

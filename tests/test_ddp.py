@@ -154,3 +154,16 @@ def test_bad_launch_params_are_named_errors(monkeypatch):
         launch.check(make_params({"train.nodes": 2}).train, torch.device("cpu"))
     monkeypatch.setenv(launch.RDZV_ENDPOINT, "node0:29500")
     launch.check(make_params({"train.nodes": 2}).train, torch.device("cpu"))
+
+
+def test_one_node_listens_on_loopback_only(tmp_path, monkeypatch):
+    out = tmp_path / "listening.json"
+    monkeypatch.setenv("LISTENING_OUT", str(out))
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    lines = []
+    launch.launch(make_params({"train.processes": 2}).train, torch.device("cpu"), "tests.listening", log=lines.append)
+    addresses = json.loads(out.read_text())
+    assert addresses  # gloo's own connections, at least
+    assert [a for a in addresses if not a.startswith(("127.", "::1:"))] == []
+    assert "rendezvous in a private folder, loopback only" in lines[0]
+    assert not any(k in os.environ for k in ("OFFROAD_INIT_FILE", "OFFROAD_LAUNCHER_PID"))

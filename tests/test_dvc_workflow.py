@@ -11,12 +11,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from offroad import ablation, artifacts, codebase
 from offroad.config import load_params, read_overrides, validate
 from tests.test_review import rows as table_rows
-from tests.conftest import REPO, TINY, copy_repo, git, run_dvc, with_overrides, write_params
+from tests.conftest import (REPO, TINY, TINY_PIPELINE, copy_project, copy_repo, git, run_dvc, with_overrides,
+                            write_params)
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = list(DVC_YAML["stages"])
@@ -332,3 +334,23 @@ def test_push_to_a_local_remote_then_a_fresh_clone_pulls_a_clean_pipeline(dvc_re
     assert ran(output) == [] and "Data and pipelines are up to date." in output
     for path in ("models/best.pt", "data/class_weights.json", "data/prepared/val/masks.npy"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_stage_refused_at_start_up_keeps_its_outputs_under_dvc_repro(reproduced_project, tmp_path):
+    repo = copy_project(reproduced_project, tmp_path / "repo")
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+
+    def outputs(stage: str) -> dict[str, bytes]:
+        paths = [Path(next(iter(o))) if isinstance(o, dict) else Path(o) for o in stages[stage]["outs"]]
+        files = [f for p in paths for f in ([p] if (repo / p).is_file() else sorted((repo / p).rglob("*")))]
+        return {str(f): (repo / f).read_bytes() for f in files}
+
+    write_params(repo / "params.yaml", {**TINY_PIPELINE, "train.device": "cuda"})
+    for stage in ("train", "evaluate"):
+        before = outputs(stage)
+        assert len(before) >= 5
+        result = run_dvc(repo, "repro", "-f", "-s", stage, check=False)
+        assert result.returncode != 0
+        assert "train.device is 'cuda' but no CUDA device is available" in result.stdout + result.stderr
+        assert outputs(stage) == before

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from offroad import artifacts, predict
+from offroad import artifacts, atomic, figures, predict
 from offroad.segmenter import load_segmenter
 from stages import evaluate, plot
 from offroad.data import class_lut, map_mask
@@ -291,6 +292,14 @@ def test_predict_without_masks_and_bad_input(trained, tiny_dataset):
     assert not (root / "out/metrics.json").exists()
     with pytest.raises(PipelineError, match="nope.pt: checkpoint not found"):
         predict.main(["--images", str(folder), "--out", "out", "--checkpoint", "models/nope.pt"])
+    with pytest.raises(PipelineError, match="models: is a folder, not a checkpoint file"):
+        predict.main(["--images", str(folder), "--out", "out", "--checkpoint", "models"])
+    labels = root / "labels"  # the Segmentation folder given as --images
+    labels.mkdir()
+    cv2.imwrite(str(labels / "scene.png"), np.full((50, 90), 7100, np.uint16))
+    with pytest.raises(PipelineError, match="scene.png: a 16-bit single-channel PNG is a mask of class ids"):
+        predict.main(["--images", str(labels), "--out", "labelled"])
+    assert not (root / "labelled").exists()
     with pytest.raises(PipelineError, match="no mask for 1 image"):
         predict.main(["--images", str(folder), "--out", "out", "--masks", str(root / "models")])
 
@@ -358,3 +367,58 @@ def test_plot_draws_the_numbers_of_its_inputs(plot_dir, monkeypatch):
         np.testing.assert_array_equal(image, examples["images"][i])
         np.testing.assert_array_equal(truth, colorize(examples["masks"][i], len(NAMES)))
         np.testing.assert_array_equal(pred, colorize(examples["preds"][i], len(NAMES)))
+
+
+def outputs(root: Path, *folders: str) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for f in folders for p in sorted((root / f).rglob("*"))
+            if p.is_file()}
+
+
+def full_disk(path):
+    """An atomic write of `path` whose disk fills up."""
+    with atomic.atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(tmp))
+
+
+def test_evaluate_and_plot_replace_their_outputs_all_or_none(trained, monkeypatch):
+    root, _, _ = trained
+    evaluate.main()
+    plot.main()
+    before = outputs(root, "metrics", "plots")
+    write_params(root / "params.yaml", {**TINY, "train.device": "cpu", "train.checkpoint": "final"})
+    with monkeypatch.context() as m:  # the disk fills up at the last output, after the other five are written
+        m.setattr(artifacts, "write_examples", lambda *a, **k: full_disk(root / artifacts.EXAMPLES))
+        with pytest.raises(PipelineError, match="examples.npz: cannot write"):
+            evaluate.main()
+    assert outputs(root, "metrics", "plots") == before
+    assert not [p for p in root.rglob(".*.tmp")]
+
+    real_save = figures.save
+
+    def save(fig, path, dpi):
+        if path.name == "predictions.png":
+            full_disk(path)
+        real_save(fig, path, dpi)
+
+    with monkeypatch.context() as m:
+        m.setattr(figures, "save", save)
+        with pytest.raises(PipelineError, match="predictions.png: cannot write"):
+            plot.main()
+    assert outputs(root, "metrics", "plots") == before
+    evaluate.main()  # then a run that succeeds replaces the whole set
+    assert json.loads((root / artifacts.EVAL_METRICS).read_text())["checkpoint"] == "models/final.pt"
+
+
+def test_predict_stopped_by_a_bad_image_keeps_the_previous_run_whole(trained, tiny_dataset):
+    root, _, _ = trained
+    folder = root / "scenes"
+    shutil.copytree(tiny_dataset.root / "val", folder)
+    predict.main(["--images", str(folder / "Color_Images"), "--out", "out", "--checkpoint", "models/best.pt"])
+    before = outputs(root, "out")
+    assert json.loads((root / "out/metrics.json").read_text())["checkpoint"] == "models/best.pt"
+    last = sorted((folder / "Color_Images").iterdir())[-1]
+    last.write_bytes(b"not a png")
+    with pytest.raises(PipelineError, match=f"{last.name}: cannot decode image"):
+        predict.main(["--images", str(folder / "Color_Images"), "--out", "out", "--checkpoint", "models/final.pt"])
+    assert outputs(root, "out") == before

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offroad import ablation, bootstrap, metrics, review
+from offroad import ablation, artifacts, bootstrap, metrics, review
 from offroad.errors import PipelineError
 from tests.conftest import copy_project, run_dvc
 
@@ -178,3 +178,51 @@ def test_reports_never_overwrite_pipeline_or_tracked_files_unless_forced(rerun, 
 
     review.main(["HEAD", "--out", ".gitignore", "--force"])
     assert Path(".gitignore").read_text().startswith("## Review: `HEAD`")
+
+
+PER_IMAGE_HEADER = "image,truth,prediction,count\n"
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("a.png,Sky,Sky,-4\n", "line 2: count -4 is not a pixel count"),
+    ("a.png,Sky,Sky,0\n", "line 2: count 0 is not a pixel count"),
+    ("a.png,Sky,Sky,99999999999999999999\n", "line 2: count 99999999999999999999 is not a pixel count"),
+    ("a.png,Sky,Sky,40\na.png,Sky,Trees,1", "the last row ends without a newline: the file was cut off"),
+    ("a.png,Sky,Sky,40\na.png,Sky,Sky,2\n", "line 3: a second row for image 'a.png', Sky -> Sky"),
+    ("a.png,Sky,Sky,4.5\n", "line 2: bad row"),
+    ("a.png,Sky,Lava,4\n", "line 2: class 'Lava' is not in data.classes"),
+])
+def test_per_image_files_that_are_not_pixel_counts_are_refused(rows, message):
+    with pytest.raises(artifacts.ArtifactError, match=re.escape(message)):
+        artifacts.parse_per_image(PER_IMAGE_HEADER + rows, ["Background", "Trees", "Sky"], "per_image.csv")
+    names, cms = artifacts.parse_per_image(PER_IMAGE_HEADER + "a.png,Sky,Sky,40\na.png,Sky,Trees,1\n",
+                                           ["Background", "Trees", "Sky"])
+    assert names == ["a.png"] and cms[0, 2, 2] == 40 and cms[0, 2, 1] == 1 and cms.sum() == 41
+
+
+def test_per_image_matrices_and_evaluate_json_of_different_evaluations_are_refused():
+    cms = image_cms(np.random.default_rng(4).uniform(0.3, 0.9, 6))
+    scores = {k: round(float(v), 5) for k, v in metrics.dataset_scores(cms.sum(0)).items()}
+    review.check_one_evaluation("HEAD", {**scores, "images": 6}, cms)  # one evaluation: accepted
+    review.check_one_evaluation("HEAD", {**scores, "images": 8}, cms)  # 2 images without labelled pixels
+    with pytest.raises(review.ReviewError, match="disagree: 6 images against 4"):
+        review.check_one_evaluation("HEAD", {**scores, "images": 4}, cms)
+    with pytest.raises(review.ReviewError, match=r"disagree: miou .* against 0\.1; they come from different"):
+        review.check_one_evaluation("HEAD", {**scores, "miou": 0.1, "images": 6}, cms)
+    review.check_one_evaluation("HEAD", {**scores, "images": 6}, cms[::-1])  # the same images, another order
+    other = image_cms(np.random.default_rng(5).uniform(0.3, 0.9, 6))  # another split's images, same count
+    with pytest.raises(review.ReviewError, match="disagree: miou"):
+        review.check_one_evaluation("HEAD", {**scores, "images": 6}, other)
+
+
+def test_sides_with_other_classes_are_refused_not_scored_across():
+    cms = image_cms(np.full(5, 0.5))
+    ten, eleven = side("HEAD", cms), side("eleven", cms)
+    ten.params["data.classes"] = [{"name": n} for n in ("Background", "Trees", "Sky")]
+    eleven.params["data.classes"] = [{"name": n} for n in ("Background", "Trees", "Sky", "Water")]
+    with pytest.raises(review.ReviewError, match=r"`HEAD` has 3 classes and `eleven` 4 \(Water\): their scores "
+                                                 "cannot be compared"):
+        review.report(ten, eleven)
+    with pytest.raises(review.ReviewError, match="cannot be compared"):
+        review.same_classes([ten, ten, eleven])
+    review.same_classes([ten, ten])
