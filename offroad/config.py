@@ -261,13 +261,42 @@ def validate(raw: Any, source: str = "params") -> Params:
         raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(lines)) from None
 
 
+MAX_PARAMS_BYTES = 1 << 20
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for i, key in enumerate(keys):
+            if isinstance(key, str) and key in keys[:i]:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        node.value[i][0].start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _load_unique(text: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.exists() and not path.is_file():  # a folder, a FIFO, /dev/zero: never read
+            raise ParamsError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PARAMS_BYTES + 1)
+        if len(data) > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{path}: larger than {MAX_PARAMS_BYTES} bytes: not a params file")
+        raw = _load_unique(data.decode())
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run stages from the repository root)") from None
-    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not UTF-8 text
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, not UTF-8 text
         raise ParamsError(f"{path}: cannot read it as text ({e})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None

@@ -82,8 +82,7 @@ def rendezvous(cfg: Train, folder: str) -> Iterator[tuple[str, dict]]:
     settings = {LAUNCHER_PID: str(os.getpid())}
     if cfg.nodes == 1:
         settings |= {INIT_FILE: os.path.join(folder, "group"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                     "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-                     "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "lo")}
+                     "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}  # even if set for other jobs
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:

@@ -95,8 +95,12 @@ def check_one_evaluation(rev: str, evaluation: dict, per_image: np.ndarray) -> N
     where = f"{rev}: {artifacts.PER_IMAGE} and {artifacts.EVAL_METRICS}"
     fix = "rerun `dvc repro evaluate`" if rev == WORKSPACE else "rerun that revision's evaluation"
     images = evaluation.get("images")
+    if images is not None and (not isinstance(images, int) or isinstance(images, bool) or images < 0):
+        raise ReviewError(f"{rev}: {artifacts.EVAL_METRICS}: images {images!r} is not a count; {fix}")
     if isinstance(images, int) and len(per_image) > images:
         raise ReviewError(f"{where} disagree: {len(per_image)} images against {images}; {fix}")
+    if not len(per_image) and _is_number(evaluation.get("miou")):
+        raise ReviewError(f"{where} disagree: no image rows against a scored evaluation; {fix}")
     recomputed = dataset_scores(per_image.sum(0)) if len(per_image) else {}
     for score in ("miou", "pixel_accuracy"):
         stored = evaluation.get(score)

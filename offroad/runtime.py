@@ -153,6 +153,10 @@ def launched() -> bool:
         raise PipelineError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set in the environment without "
                             f"{', '.join(missing)}: a launcher sets them together; unset WORLD_SIZE to train in "
                             "one process, or use train.processes")
+    bad = [f"{v}={os.environ[v]!r}" for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if not os.environ[v].isdigit()]
+    if bad or int(os.environ["WORLD_SIZE"]) < 1:
+        raise PipelineError(f"{', '.join(bad) or 'WORLD_SIZE=0'} in the environment: a launcher sets whole "
+                            "numbers (WORLD_SIZE at least 1); unset them to train in one process")
     return True
 
 

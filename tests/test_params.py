@@ -1,5 +1,9 @@
 """params.yaml validation: every mistake names its key."""
 import copy
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +114,38 @@ def test_a_yaml_alias_bomb_gets_a_short_message_at_once(tmp_path):
     with pytest.raises(ParamsError) as err:
         load_params(bomb)
     assert len(str(err.value)) < 2000 and "'synthetic.seed': Input should be a valid integer" in str(err.value)
+
+
+def load_in_a_child(path: Path) -> subprocess.CompletedProcess:
+    """load_params(path) in a process with a time and memory limit: a regression must fail, not hang or fill
+    the machine's memory."""
+    code = "import sys; from offroad.config import load_params; from offroad.errors import run_cli; " \
+           f"run_cli(lambda: load_params({str(path)!r}))"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=limit)
+
+
+def test_params_files_that_are_not_small_regular_files_are_refused(tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    endless = tmp_path / "zero.yaml"
+    endless.symlink_to("/dev/zero")  # reading it whole would fill the memory
+    for path in (fifo, endless):
+        result = load_in_a_child(path)
+        assert result.returncode == 1 and f"{path.name}: not a regular file" in result.stderr
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ParamsError, match="huge.yaml: larger than 1048576 bytes"):
+        load_params(huge)
+
+
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
+    text = Path("params.yaml").read_text()
+    twice = tmp_path / "params.yaml"
+    twice.write_text(text.replace("  epochs: ", "  epochs: 3\n  epochs: ", 1))
+    with pytest.raises(ParamsError, match="not valid YAML: .*key 'epochs' is given twice"):
+        load_params(twice)
+    twice.write_text(text + "train:\n  epochs: 5\n")  # a second section
+    with pytest.raises(ParamsError, match="key 'train' is given twice"):
+        load_params(twice)

@@ -358,7 +358,7 @@ CATALOGUE = {
     "params: empty file": ("synthesize", rewrite("params.yaml", b""),
                            ["params.yaml: expected a mapping of sections, got NoneType (the file is empty)"]),
     "params: a folder": ("prepare", lambda r: ((r / "params.yaml").unlink(), (r / "params.yaml").mkdir()),
-                         ["params.yaml: cannot read it as text ([Errno 21] Is a directory"]),
+                         ["params.yaml: not a regular file"]),
     "params: missing section": ("class_weights", without_section("plot"), ["missing key 'plot'"]),
     "params: image size with three numbers": ("prepare", params({"data.image_size": [112, 56, 3]}),
                                               ["'data.image_size': Tuple should have at most 2 items"]),

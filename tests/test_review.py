@@ -226,3 +226,13 @@ def test_sides_with_other_classes_are_refused_not_scored_across():
     with pytest.raises(review.ReviewError, match="cannot be compared"):
         review.same_classes([ten, ten, eleven])
     review.same_classes([ten, ten])
+
+
+def test_an_empty_per_image_file_or_an_image_count_that_is_not_a_count_is_refused():
+    cms = image_cms(np.random.default_rng(6).uniform(0.3, 0.9, 3))
+    scores = {k: round(float(v), 5) for k, v in metrics.dataset_scores(cms.sum(0)).items()}
+    with pytest.raises(review.ReviewError, match="disagree: no image rows against a scored evaluation"):
+        review.check_one_evaluation("workspace", {**scores, "images": 3}, cms[:0])
+    for images in (float("inf"), 3.0, True, -1):
+        with pytest.raises(review.ReviewError, match=r"metrics/evaluate.json: images .* is not a count"):
+            review.check_one_evaluation("workspace", {**scores, "images": images}, cms)

@@ -71,3 +71,14 @@ def test_a_multi_node_endpoint_needs_a_host_and_a_port(monkeypatch, endpoint):
     monkeypatch.setenv(launch.RDZV_ENDPOINT, endpoint)
     with pytest.raises(launch.LaunchError, match=f"set {launch.RDZV_ENDPOINT}=HOST:PORT .* got '{endpoint}'"):
         launch.check(make_params({"train.nodes": 2}).train, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "abc"), ("RANK", "-1"), ("LOCAL_RANK", "0x1"),
+                                         ("WORLD_SIZE", "0")])
+def test_launcher_variables_that_are_not_counts_are_named(monkeypatch, name, value):
+    for var, default in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+                         "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(var, default)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(PipelineError, match=f"{name}={value!r}|WORLD_SIZE=0"):
+        init_distributed(torch.device("cpu"))
