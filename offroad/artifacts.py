@@ -23,6 +23,9 @@ from offroad.errors import PipelineError
 
 SYNTHETIC = Path("data/synthetic")
 PREPARED = Path("data/prepared")
+SPLITS = ("train", "val", "test")  # training reads train and val (which picks the epoch); only evaluate reads test
+SCORED = ("val", "test")  # what evaluate scores
+HEADLINE = "test"  # the split every report leads with: no choice was made on it
 CLASS_WEIGHTS = Path("data/class_weights.json")
 CLASS_STATS = Path("metrics/class_stats.json")
 CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
@@ -32,11 +35,14 @@ TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_SPEED = Path("metrics/speed/train.json")  # timings: not a dvc metric, so a rerun leaves `metrics diff` quiet
 EVAL_METRICS = Path("metrics/evaluate.json")
 EVAL_TABLE = Path("metrics/evaluation_metrics.txt")
-PER_IMAGE = Path("metrics/per_image_confusion.csv")  # what the bootstrap intervals and the review report resample
+# per split: what the bootstrap intervals and the review report resample
+PER_IMAGE = {split: Path(f"metrics/per_image/{split}.csv") for split in SCORED}
 PER_CLASS = Path("plots/evaluate/per_class.csv")
 CONFUSION = Path("plots/evaluate/confusion.csv")
 EXAMPLES = Path("plots/evaluate/examples.npz")
 FIGURES = Path("plots/images")
+FIGURE_NAMES = ("all_metrics_curves.png", "class_distribution.png", "confusion_matrix.png", "lr_schedule.png",
+                "per_class_iou.png", "predictions.png")  # what stages/plot.py draws
 
 # one row per epoch (accuracies as fractions)
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_iou", "val_iou", "train_dice", "val_dice",
@@ -272,16 +278,16 @@ def read_confusion(path: Path = CONFUSION) -> tuple[np.ndarray, list[str]]:
         raise ArtifactError(f"{path}: not found, or not a square matrix with the header's classes as rows") from None
 
 
-# --- per-image confusion matrices: metrics/per_image_confusion.csv ----------------------------------------
+# --- per-image confusion matrices: metrics/per_image/<split>.csv ------------------------------------------
 # Long form, nonzero cells only: one row per (image, truth class, predicted class), images in split order.
 
-def write_per_image(names: list[str], per_image: np.ndarray, class_names: list[str], path: Path = PER_IMAGE) -> None:
+def write_per_image(names: list[str], per_image: np.ndarray, class_names: list[str], path: Path) -> None:
     rows = [[names[i], class_names[t], class_names[p], int(per_image[i, t, p])]
             for i, t, p in zip(*np.nonzero(per_image))]
     write_text(path, _csv([list(PER_IMAGE_COLUMNS), *rows]))
 
 
-def parse_per_image(text: str, class_names: list[str], source: str | Path = PER_IMAGE) -> tuple[list[str], np.ndarray]:
+def parse_per_image(text: str, class_names: list[str], source: str | Path) -> tuple[list[str], np.ndarray]:
     """(image names in file order, int64 [N, K, K]) from the text of a per-image file. Images without a labelled
     pixel have no row: they would add nothing to any score."""
     index = {name: i for i, name in enumerate(class_names)}
@@ -312,7 +318,7 @@ def parse_per_image(text: str, class_names: list[str], source: str | Path = PER_
     return list(images), counts
 
 
-def read_per_image(class_names: list[str], path: Path = PER_IMAGE) -> tuple[list[str], np.ndarray]:
+def read_per_image(class_names: list[str], path: Path) -> tuple[list[str], np.ndarray]:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

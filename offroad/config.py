@@ -71,7 +71,8 @@ class ClassSpec(Section):
 
 
 class Data(Section):
-    root: str
+    root: str  # holds train/ and val/
+    test_root: str  # holds Color_Images/ and Segmentation/ of the held-out test split
     image_size: tuple[Int(1, MAX_SIDE), Int(1, MAX_SIDE)]  # [width, height]
     ignore_index: Annotated[int, Field(ge=0, le=255, strict=True)]
     ignore_raw: list[Annotated[int, Field(ge=0, le=65535, strict=True)]] = []
@@ -107,6 +108,7 @@ class Synthetic(Section):
     seed: Seed
     train: Int(1, 100_000)
     val: Int(1, 100_000)
+    test: Int(1, 100_000)
     width: Int(28, 7680) = 960  # smaller scenes cannot be drawn
     height: Int(28, 4320) = 540
 
@@ -196,9 +198,8 @@ class Train(Section):
 
 
 class Evaluate(Section):
-    split: Literal["train", "val"]
     batch_size: Batch
-    examples: Int(0, 64)  # val images kept for the predictions figure
+    examples: Int(0, 64)  # test images kept for the predictions figure
 
 
 class Plot(Section):

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from offroad.artifacts import PreparedSplit, write_split
 from offroad.config import Data
 from offroad.errors import check_interrupt, warn, worker_pool
-from offroad.raw import DataError, find_split, list_pairs, read_image, read_mask
+from offroad.raw import DataError, find_split, list_pairs, read_image, read_mask, split_folder
 
 UNKNOWN = -1  # class_lut value of a raw id that data.classes does not map
 
@@ -100,15 +100,23 @@ def warn_about_sizes(folder: Path, names: list[str], sizes: list[tuple[int, int]
             warn(f"{len(found)} image(s) in {folder} are {what} to {w}x{h}: {shown}")
 
 
-def list_splits(root: str | Path, splits: tuple[str, ...]) -> dict[str, list[tuple[str, Path, Path]]]:
+def split_folders(data: Data) -> dict[str, Path]:
+    """Where each split's PNGs are: train and val under data.root, test at data.test_root."""
+    return {"train": find_split(data.root, "train"), "val": find_split(data.root, "val"),
+            "test": split_folder(data.test_root)}
+
+
+def list_splits(folders: dict[str, Path]) -> dict[str, list[tuple[str, Path, Path]]]:
     """The pairs of every split, checked before anything is written; warns of names in more than one split."""
-    pairs = {split: list_pairs(find_split(root, split)) for split in splits}
+    pairs = {split: list_pairs(folder) for split, folder in folders.items()}
+    splits = list(folders)
     for i, a in enumerate(splits):
         for b in splits[i + 1:]:
             shared = sorted({n for n, _, _ in pairs[a]} & {n for n, _, _ in pairs[b]})
             if shared:
                 shown = ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else "")
-                warn(f"{len(shared)} image name(s) are in both the {a} and the {b} split of {root}: {shown} "
+                warn(f"{len(shared)} image name(s) are in both the {a} ({folders[a]}) and the {b} split "
+                     f"({folders[b]}): {shown} "
                      f"(the {b} scores are optimistic if they are the same images)")
     return pairs
 

@@ -144,5 +144,10 @@ def predict_all(segmenter: Segmenter, images: list[Path], masks: list[Path] | No
     return cm
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script."""
     run_cli(main, then="run the same command again")
+
+
+if __name__ == "__main__":
+    cli()

@@ -39,6 +39,14 @@ def find_split(root: str | Path, split: str) -> Path:
     return found[0]
 
 
+def split_folder(folder: str | Path, param: str = "data.test_root") -> Path:
+    """A split given as the folder that holds `Color_Images/` and `Segmentation/` itself."""
+    folder = Path(folder)
+    if not ((folder / IMAGES).is_dir() and (folder / MASKS).is_dir()):
+        raise DataError(f"{folder}: expected {folder / IMAGES}/ and {folder / MASKS}/ ({param} in params.yaml)")
+    return folder
+
+
 def _pngs(folder: Path) -> dict[str, Path]:
     dangling = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
     if dangling:

@@ -1,12 +1,13 @@
-"""A review report: what changed between two revisions or experiments, and whether the scores moved beyond noise.
+"""A review report: what changed between two runs or groups of runs, and whether the scores moved beyond noise.
 
-    python -m offroad.review [OLD] [NEW] [--out report.md] [--resamples 1000] [--seed 0]
+    python -m offroad.review [OLD] [NEW] [--out report.md] [--resamples 1000] [--seed 0] [--fail-on-worse]
 
-OLD and NEW are git revisions, branches, tags or DVC experiment names; `workspace` is the files on disk
-(defaults: HEAD against the workspace). The markdown lists the params that changed, each metric old -> new
-with a verdict (better / worse / within noise) from a paired bootstrap over the val images both sides scored
-(offroad.bootstrap, on metrics/per_image_confusion.csv), the per-class IoU of both, and both sides' figures.
-Other revisions are read through DVC's Python API (dvc.api), the workspace from disk.
+OLD and NEW are each committed evidence (evidence/NAME: one run, or a group such as seed replicates), a
+git revision, branch, tag or DVC experiment, several of those joined by commas (a group), or `workspace`
+(the files on disk). Defaults: HEAD against the workspace. The markdown lists the params that changed, each
+metric old -> new, and for the test split's scores a verdict (better / worse / within noise) from a
+bootstrap over the test images both sides scored and, with several runs a side, over the runs
+(offroad.bootstrap); the per-class test IoU with paired intervals; and both sides' figures.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from offroad import artifacts, atomic, bootstrap
+from offroad import artifacts, atomic, bootstrap, evidence
+from offroad.artifacts import HEADLINE
 from offroad.errors import PipelineError, run_cli
 from offroad.metrics import SCORES, dataset_scores
 
-WORKSPACE = "workspace"
+WORKSPACE = evidence.WORKSPACE
 MAX_RESAMPLES = 100_000  # each resample is an [N] row of draw counts and a [K, K] matrix per side
+TESTED = tuple(f"{HEADLINE}.{s}" for s in SCORES)  # the metrics that get a verdict
 
 
 class ReviewError(PipelineError):
@@ -36,16 +39,50 @@ class ReviewError(PipelineError):
 
 @dataclass
 class Side:
+    """One run."""
     rev: str
     params: dict[str, Any]  # flat: "optimizer.lr" -> value
     metrics: dict[str, Any]  # flat, from metrics/train.json and metrics/evaluate.json (per_class left out): {} if none
-    per_class: dict[str, dict]  # evaluate.json's per_class
-    per_image: tuple[list[str], np.ndarray] | None  # image names and [N, K, K] counts; None when not there
+    per_class: dict[str, dict]  # the test split's per_class
+    per_image: tuple[list[str], np.ndarray] | None  # the test images' names and [N, K, K] counts; None if not there
     figures: dict[str, bytes]  # plots/images/NAME.png -> bytes
 
     @property
     def classes(self) -> list[str]:
         return [c.get("name") for c in self.params.get("data.classes", []) if isinstance(c, dict)]
+
+
+@dataclass
+class Group:
+    """What one side of a review is: one run, or several runs of one recipe (seeds)."""
+    name: str
+    runs: list[Side]
+
+    @property
+    def rev(self) -> str:
+        return self.name
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Each param's value, or the values joined by ", " where the runs differ (the seed)."""
+        keys = dict.fromkeys(k for r in self.runs for k in r.params)
+        return {k: _common([r.params.get(k, "—") for r in self.runs]) for k in keys}
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Numbers: the mean over the runs; other values as in params."""
+        keys = dict.fromkeys(k for r in self.runs for k in r.metrics)
+        values = {k: [r.metrics.get(k) for r in self.runs] for k in keys}
+        return {k: float(np.mean(v)) if all(_is_number(x) for x in v) else _common(v) for k, v in values.items()}
+
+    @property
+    def classes(self) -> list[str]:
+        return self.runs[0].classes
+
+
+def _common(values: list) -> Any:
+    first = values[0]
+    return first if all(v == first for v in values) else ", ".join(fmt(v) for v in values)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -58,41 +95,49 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_side(rev: str, figures: bool = True) -> Side:
-    """The params, metrics, per-image matrices and (unless `figures` is False) figures of `rev` or the workspace."""
-    import dvc.api  # noqa: PLC0415 (slow to import; only this command needs it)
-
-    at = None if rev == WORKSPACE else rev
-    try:
-        params = dvc.api.params_show(rev=at)
-        fs = None if at is None else dvc.api.DVCFileSystem(rev=at)
-    except Exception as e:  # dvc raises its own types for an unknown revision, a missing repo, bad files
-        raise ReviewError(f"{rev}: cannot read its params and metrics through dvc ({type(e).__name__}: {e})") from None
-
-    def read(path: Path, mode: str = "r") -> Any:
+def read_group(spec: str, figures: bool = True) -> Group:
+    """evidence/SPEC if it is there (one run or a group), else each comma-separated revision or experiment."""
+    folders = evidence.runs(spec)
+    if folders is not None:
+        sides = [read_side(spec if len(folders) == 1 else f"{spec}/{f.name}", evidence.folder_reader(f), figures=False)
+                 for f in folders]
+        return Group(spec, sides)
+    revs = [r for r in spec.split(",") if r]
+    if not revs:
+        raise ReviewError(f"{spec!r}: not a revision, an experiment or evidence")
+    sides = []
+    for rev in revs:
         try:
-            if fs is None:
-                return path.read_text() if mode == "r" else path.read_bytes()
-            with fs.open(path.as_posix(), mode) as f:
-                return f.read()
-        except (FileNotFoundError, IsADirectoryError):
-            return None
+            sides.append(read_side(rev, evidence.reader(rev), figures))
+        except evidence.EvidenceError as e:
+            raise ReviewError(str(e)) from None
+    return Group(spec, sides)
 
+
+def read_side(rev: str, source: tuple | None = None, figures: bool = True) -> Side:
+    """The params, metrics, test per-image matrices and (unless `figures` is False) figures of one run, read
+    through `source` = (params, read) from offroad.evidence (default: the revision `rev` through DVC)."""
+    params, read = source or evidence.reader(rev)
     train, evaluation = (_json(read(p), f"{rev}:{p}") for p in (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS))
+    if evaluation and HEADLINE not in evaluation:
+        raise ReviewError(f"{rev}: {artifacts.EVAL_METRICS} has no {HEADLINE} split (it predates the held-out test "
+                          f"split); rerun its evaluation with this code")
     class_names = [c["name"] for c in params.get("data", {}).get("classes", [])]
-    text = read(artifacts.PER_IMAGE)
-    per_image = None if text is None else artifacts.parse_per_image(text, class_names, f"{rev}:{artifacts.PER_IMAGE}")
+    path = artifacts.PER_IMAGE[HEADLINE]
+    text = read(path)
+    per_image = None if text is None else artifacts.parse_per_image(text, class_names, f"{rev}:{path}")
     if per_image is not None:
-        check_one_evaluation(rev, evaluation, per_image[1])
-    metrics = {k: v for k, v in flatten({**train, **evaluation}).items() if not k.startswith("per_class.")}
-    return Side(rev, flatten(params), metrics, evaluation.get("per_class", {}), per_image,
-                {p: read(Path(p), "rb") for p in figure_paths(fs)} if figures else {})
+        check_one_evaluation(rev, evaluation.get(HEADLINE, {}), per_image[1])
+    metrics = {k: v for k, v in flatten({**train, **evaluation}).items() if ".per_class." not in k}
+    fs_figures = {p: read(Path(p), "rb") for p in figure_paths(rev)} if figures else {}
+    return Side(rev, flatten(params), metrics, evaluation.get(HEADLINE, {}).get("per_class", {}), per_image,
+                {p: data for p, data in fs_figures.items() if data is not None})
 
 
 def check_one_evaluation(rev: str, evaluation: dict, per_image: np.ndarray) -> None:
     """The per-image matrices and evaluate.json must come from the same evaluation: not more images than it
     scored, and the same dataset scores (to evaluate.json's rounding)."""
-    where = f"{rev}: {artifacts.PER_IMAGE} and {artifacts.EVAL_METRICS}"
+    where = f"{rev}: {artifacts.PER_IMAGE[HEADLINE]} and {artifacts.EVAL_METRICS}"
     fix = "rerun `dvc repro evaluate`" if rev == WORKSPACE else "rerun that revision's evaluation"
     images = evaluation.get("images")
     if images is not None and (not isinstance(images, int) or isinstance(images, bool) or images < 0):
@@ -109,7 +154,7 @@ def check_one_evaluation(rev: str, evaluation: dict, per_image: np.ndarray) -> N
                               f"{stored}; they come from different evaluations (one was interrupted?); {fix}")
 
 
-def same_classes(sides: list[Side]) -> None:
+def same_classes(sides: list[Side | Group]) -> None:
     """Scores over different class lists cannot be compared."""
     first = sides[0]
     for side in sides[1:]:
@@ -129,26 +174,27 @@ def _json(text: str | None, where: str) -> dict:
     return found
 
 
-def figure_paths(fs) -> list[str]:
-    folder = artifacts.FIGURES
-    if fs is None:
-        return sorted(p.as_posix() for p in folder.glob("*.png"))
-    try:
-        listed = fs.ls(folder.as_posix(), detail=False)
-    except FileNotFoundError:
-        return []
-    return sorted(p.lstrip("/") for p in listed if p.endswith(".png"))
+def figure_paths(rev: str) -> list[str]:
+    """The plot stage's PNGs (those a revision lacks are left out when read)."""
+    return [(artifacts.FIGURES / name).as_posix() for name in artifacts.FIGURE_NAMES]
 
 
 # --- the comparison --------------------------------------------------------------------------------------
 
-def pair_images(old: Side, new: Side) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Both sides' matrices of the images both scored, in OLD's order; and how many each has besides."""
-    (old_names, old_cms), (new_names, new_cms) = old.per_image, new.per_image
-    row = {name: i for i, name in enumerate(new_names)}
-    common = [i for i, name in enumerate(old_names) if name in row]
-    pairs = np.array([row[old_names[i]] for i in common], dtype=np.int64)
-    return old_cms[common], new_cms[pairs], len(old_names) - len(common), len(new_names) - len(common)
+def common_images(groups: list[Group]) -> tuple[list[list[np.ndarray]], int, dict[str, int]]:
+    """Each group's runs' [N, K, K] matrices of the test images every run scored, in the first run's order;
+    N; and how many images each run scored besides (by run, where any)."""
+    runs = [run for group in groups for run in group.runs]
+    for run in runs:
+        if run.per_image is None:
+            raise ReviewError(missing_note(run))
+    index = [dict(zip(r.per_image[0], range(len(r.per_image[0])))) for r in runs]
+    shared = [n for n in runs[0].per_image[0] if all(n in i for i in index)]
+    if not shared:
+        raise ReviewError(f"{', '.join(g.rev for g in groups)}: no {HEADLINE} image scored by all of them")
+    cms = iter([r.per_image[1][[i[n] for n in shared]] for r, i in zip(runs, index)])
+    extra = {r.rev: len(r.per_image[0]) - len(shared) for r in runs if len(r.per_image[0]) > len(shared)}
+    return [[next(cms) for _ in group.runs] for group in groups], len(shared), extra
 
 
 def missing_note(side: Side) -> str:
@@ -156,8 +202,25 @@ def missing_note(side: Side) -> str:
                f"rerun its evaluation with this code: `git checkout {side.rev} -- params.yaml dvc.lock && "
                "dvc checkout && dvc repro evaluate` (`dvc pull` first if its checkpoint is not in the cache), "
                "then commit the result")
-    return (f"`{side.rev}` has no per-image data (`{artifacts.PER_IMAGE}`), so its scores cannot be tested "
-            f"against noise. To produce it, {produce}.")
+    return (f"`{side.rev}` has no per-image data (`{artifacts.PER_IMAGE[HEADLINE]}`), so its scores cannot be "
+            f"tested against noise. To produce it, {produce}.")
+
+
+def noise_note(groups: list[Group]) -> str:
+    """What the intervals include: training noise only when every side has several runs."""
+    single = [g.rev for g in groups if len(g.runs) == 1]
+    if single:
+        return (f"**Training noise is not included**: {', '.join(f'`{s}`' for s in single)} "
+                f"{'is one run' if len(single) == 1 else 'are one run each'}, so the intervals hold the trained "
+                "models fixed and measure the test images' noise only; a change of seed alone can pass them. "
+                "Compare seed replicates (`-S train.seed=0,1,2`) as groups for a verdict on the recipe.")
+    runs = ", ".join(f"`{g.rev}` {len(g.runs)}" for g in groups)
+    return (f"Training noise is included: runs per side {runs}; each resample also draws each side's runs "
+            "with replacement (their spread widened by sqrt(R/(R−1))), and a side's score is its runs' mean.")
+
+
+def level(tests: int) -> str:
+    return f"{100 * (1 - (1 - bootstrap.LEVEL) / tests):.4g} %"
 
 
 def fmt(value: Any) -> str:
@@ -186,64 +249,70 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
             *(f"| {' | '.join(escape(c) for c in r)} |" for r in rows)]
 
 
-def params_section(old: Side, new: Side) -> list[str]:
-    keys = sorted(k for k in old.params.keys() | new.params.keys() if old.params.get(k) != new.params.get(k))
+def params_section(old: Group, new: Group) -> list[str]:
+    a, b = old.params, new.params
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if not keys:
         return ["### Params", "", "No param changed."]
-    rows = [[f"`{k}`", fmt(old.params.get(k, "—")), fmt(new.params.get(k, "—"))] for k in keys]
+    rows = [[f"`{k}`", fmt(a.get(k, "—")), fmt(b.get(k, "—"))] for k in keys]
     return ["### Params that changed", "", *md_table(["param", old.rev, new.rev], rows)]
 
 
-def metrics_section(old: Side, new: Side, resamples: int, seed: int) -> list[str]:
+def metrics_section(old: Group, new: Group, paired: tuple | None, resamples: int, seed: int) -> list[str]:
     notes, tested = [], {}
-    for side in (old, new):
-        if side.per_image is None:
-            notes.append(missing_note(side))
-    if not notes:
-        old_cms, new_cms, only_old, only_new = pair_images(old, new)
-        if len(old_cms) == 0:
-            notes.append(f"`{old.rev}` and `{new.rev}` share no val image: the scores cannot be paired.")
-        else:
-            tested = bootstrap.paired(old_cms, new_cms, resamples, seed)
-            notes.append(f"Verdicts: paired bootstrap over the {len(old_cms)} val images both sides scored "
-                         f"({resamples} resamples of the images, seed {seed}); *better* / *worse* when the whole "
-                         "95 % interval of the change is above / below 0, else *within noise*.")
-            if only_old or only_new:
-                notes.append(f"Left out, scored by one side only: {only_old} image(s) of `{old.rev}`, "
-                             f"{only_new} of `{new.rev}`.")
+    if paired is None:
+        notes += [missing_note(run) for group in (old, new) for run in group.runs if run.per_image is None]
+    else:
+        (old_cms, new_cms), images, extra = paired
+        found = bootstrap.compare(old_cms, new_cms, resamples=resamples, seed=seed, tests=len(SCORES))
+        tested = {f"{HEADLINE}.{s}": r for s, r in found.items()}
+        notes.append(f"Verdicts on the {HEADLINE} split ({images} images every run scored; val chose the epoch, so "
+                     f"its scores get none): bootstrap over the images, paired ({resamples} resamples, seed {seed}); "
+                     f"*better* / *worse* when the whole interval of the change is above / below 0, else *within "
+                     f"noise*. {len(SCORES)} verdicts, each interval at {level(len(SCORES))} (Bonferroni), so all "
+                     "hold together at 95 %.")
+        notes.append(noise_note([old, new]))
+        if extra:
+            notes.append("Left out, scored by one run only: " + ", ".join(f"{n} image(s) of `{r}`" for r, n in extra.items()) + ".")
+    a, b = old.metrics, new.metrics
     bounds = re.compile(r"_(low|high)$")
     # the other numbers, and the other values where they differ; the interval bounds are in the verdict column
-    others = sorted(k for k in old.metrics.keys() | new.metrics.keys()
-                    if k not in SCORES and not bounds.search(k)
-                    and (_is_number(old.metrics.get(k)) or old.metrics.get(k) != new.metrics.get(k)))
-    keys = [*SCORES, *others]
+    others = sorted(k for k in a.keys() | b.keys() if k not in TESTED and not bounds.search(k)
+                    and (_is_number(a.get(k)) or a.get(k) != b.get(k)))
     rows = []
-    for k in keys:
-        a, b = old.metrics.get(k, "—"), new.metrics.get(k, "—")
+    for k in [*TESTED, *others]:
+        x, y = a.get(k, "—"), b.get(k, "—")
         if k in tested:
-            t = tested[k]
-            rows.append([f"**{k}**", fmt(a), fmt(b), _change(a, b), f"[{t['low']:+.4f}, {t['high']:+.4f}]",
-                         f"**{t['verdict']}**"])
+            r = tested[k]
+            rows.append([f"**{k}**", fmt(x), fmt(y), _change(x, y), f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+                         f"**{r['verdict']}**"])
         else:
-            rows.append([k, fmt(a), fmt(b), _change(a, b), "", ""])
-    header = ["metric", old.rev, new.rev, "change", "95 % interval of the change", "verdict"]
+            rows.append([k, fmt(x), fmt(y), _change(x, y), "", ""])
+    header = ["metric", old.rev, new.rev, "change", f"{level(len(SCORES))} interval of the change", "verdict"]
     return ["### Metrics", "", *md_table(header, rows), "", *notes]
 
 
-def per_class_section(old: Side, new: Side) -> list[str]:
-    names = list(dict.fromkeys([*old.per_class, *new.per_class]))
-    rows = []
-    for name in names:
-        a, b = (side.per_class.get(name, {}).get("iou") for side in (old, new))
-        rows.append([name, fmt(a) if a is not None else "—", fmt(b) if b is not None else "—",
-                     _change(a, b) if a is not None and b is not None else ""])
-    return ["### Per-class IoU", "", *md_table(["class", old.rev, new.rev, "change"], rows)]
+def per_class_section(old: Group, new: Group, paired: tuple | None, resamples: int, seed: int) -> list[str]:
+    names = old.classes
+    if paired is None:
+        return ["### Per-class IoU (test)", "", "No per-image data on one side: no per-class intervals."]
+    (old_cms, new_cms), _, _ = paired
+    found = bootstrap.compare(old_cms, new_cms, lambda cms: bootstrap.class_iou(cms, names), resamples, seed,
+                              tests=len(names))
+    rows = [[name, fmt(r["old"]), fmt(r["new"]), _change(r["old"], r["new"]),
+             "" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+             "" if math.isnan(r["old"]) or math.isnan(r["new"]) else r["verdict"]] for name, r in found.items()]
+    header = ["class", old.rev, new.rev, "change", f"{level(len(names))} interval of the change", "verdict"]
+    return ["### Per-class IoU (test)", "", *md_table(header, rows), "",
+            f"{len(names)} verdicts, each interval at {level(len(names))} (Bonferroni); — where a class is absent "
+            "from the test images."]
 
 
-def figures_section(old: Side, new: Side, out: Path | None) -> list[str]:
-    """Links to both sides' PNGs: copied beside the report (OUT_figures/{old,new}/) when it is written to a file."""
+def figures_section(old: Group, new: Group, out: Path | None) -> list[str]:
+    """Links to both sides' PNGs (a group's first run): copied beside the report (OUT_figures/{old,new}/) when it
+    is written to a file."""
     links: dict[str, dict[str, str]] = {}
-    for role, side in (("old", old), ("new", new)):
+    for role, side in (("old", old.runs[0]), ("new", new.runs[0])):
         for path, data in side.figures.items():
             name = Path(path).name
             if out is None:
@@ -260,13 +329,23 @@ def figures_section(old: Side, new: Side, out: Path | None) -> list[str]:
             side_by_side]
 
 
-def report(old: Side, new: Side, resamples: int = bootstrap.RESAMPLES, seed: int = bootstrap.SEED,
+def report(old: Group, new: Group, resamples: int = bootstrap.RESAMPLES, seed: int = bootstrap.SEED,
            out: Path | None = None) -> str:
     same_classes([old, new])
+    missing = any(run.per_image is None for group in (old, new) for run in group.runs)
+    paired = None
+    if not missing:
+        cms, images, extra = common_images([old, new])
+        paired = (tuple(cms), images, extra)
     sections = [[f"## Review: `{old.rev}` → `{new.rev}`"], params_section(old, new),
-                metrics_section(old, new, resamples, seed), per_class_section(old, new),
-                figures_section(old, new, out)]
+                metrics_section(old, new, paired, resamples, seed),
+                per_class_section(old, new, paired, resamples, seed), figures_section(old, new, out)]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def verdicts(text: str) -> list[str]:
+    """The metric verdicts of a report, for --fail-on-worse."""
+    return re.findall(r"\| \*\*(better|worse|within noise)\*\* \|", text)
 
 
 def pipeline_paths(dvc_yaml: Path = Path("dvc.yaml")) -> set[Path]:
@@ -337,14 +416,19 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m offroad.review", description=__doc__.split("\n\n")[0])
-    parser.add_argument("old", nargs="?", default="HEAD", help="revision or experiment (default HEAD)")
-    parser.add_argument("new", nargs="?", default=WORKSPACE, help="revision, experiment or `workspace` (default)")
+    parser.add_argument("old", nargs="?", default="HEAD",
+                        help="evidence name, revision or experiment, or several joined by commas (default HEAD)")
+    parser.add_argument("new", nargs="?", default=WORKSPACE, help="the same, or `workspace` (default)")
     parser.add_argument("--out", type=Path, help="write the markdown here (and the figures beside it), not to stdout")
+    parser.add_argument("--fail-on-worse", action="store_true",
+                        help="exit 1 when any metric's verdict is worse (for CI gates)")
     add_report_args(parser)
     args = parser.parse_args(argv)
     check_report_out(args.out, args.force)
-    text = report(read_side(args.old), read_side(args.new), args.resamples, args.seed, args.out)
+    text = report(read_group(args.old), read_group(args.new), args.resamples, args.seed, args.out)
     emit(text, args.out, "review")
+    if args.fail_on_worse and "worse" in verdicts(text):
+        raise SystemExit(1)
 
 
 def emit(text: str, out: Path | None, command: str) -> None:
@@ -356,5 +440,10 @@ def emit(text: str, out: Path | None, command: str) -> None:
         print(text, end="")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script."""
     run_cli(main, then="run the same command again")
+
+
+if __name__ == "__main__":
+    cli()

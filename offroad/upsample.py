@@ -16,6 +16,11 @@ from torch import Tensor
 def bilinear_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu") -> Tensor:
     """[n_out, n_in] interpolation weights along one axis, with PyTorch's half-pixel source positions
     (src = (dst + 0.5) * n_in / n_out - 0.5, clamped at 0, edge index repeated at the far end)."""
+    with torch.inference_mode(False):  # cached: one made under evaluation must still serve training's backward
+        return _matrix(n_in, n_out).to(device=device, dtype=torch.float32)
+
+
+def _matrix(n_in: int, n_out: int) -> Tensor:
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
     lo = src.floor().long()  # src < n_in - 0.5, so lo <= n_in - 1
     hi = (lo + 1).clamp_max(n_in - 1)
@@ -24,7 +29,7 @@ def bilinear_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu") -
     rows = torch.arange(n_out)
     m.index_put_((rows, lo), 1 - frac, accumulate=True)
     m.index_put_((rows, hi), frac, accumulate=True)
-    return m.to(device=device, dtype=torch.float32)
+    return m
 
 
 def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:

@@ -1,20 +1,21 @@
-"""Stage `prepare`: decode, map and resize data.root into memory-mappable arrays (python -m stages.prepare)."""
+"""Stage `prepare`: decode, map and resize the train, val and test PNGs into memory-mappable arrays."""
 from __future__ import annotations
 
 import time
 
-from offroad.artifacts import PREPARED
+from offroad.artifacts import PREPARED, SPLITS
 from offroad.atomic import check_writable
 from offroad.config import load_params
-from offroad.data import list_splits, prepare_split
+from offroad.data import list_splits, prepare_split, split_folders
 from offroad.errors import run_cli
 
 
 def main() -> None:
     params = load_params()
-    check_writable(PREPARED / "train", PREPARED / "val")
-    pairs = list_splits(params.data.root, ("train", "val"))
-    for split in ("train", "val"):
+    check_writable(*(PREPARED / split for split in SPLITS))
+    folders = split_folders(params.data)
+    pairs = list_splits(folders)
+    for split in SPLITS:
         start = time.perf_counter()
         count = prepare_split(params.data.root, split, PREPARED, params.data, params.prepare.workers, pairs[split])
         seconds = time.perf_counter() - start

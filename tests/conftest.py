@@ -19,7 +19,7 @@ from offroad.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for seconds-long tests: synthetic scenes at 224x126, prepared at 112x56 (8x4 ViT tokens).
-TINY = {"data.image_size": [112, 56], "synthetic.train": 6, "synthetic.val": 3,
+TINY = {"data.image_size": [112, 56], "synthetic.train": 6, "synthetic.val": 3, "synthetic.test": 4,
         "synthetic.width": 224, "synthetic.height": 126}
 
 # The source report's train-split pixel counts per class (its table "Class Weights Used").
@@ -59,6 +59,7 @@ class TinyDataset:
     params: Params  # repo params + TINY, with data.root = root
     train: PreparedSplit  # 6 images
     val: PreparedSplit  # 3 images
+    test: PreparedSplit  # 4 images
 
 
 @pytest.fixture(scope="session")
@@ -71,11 +72,12 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
     base = tmp_path_factory.mktemp("tiny")
     params = make_params({**TINY, "data.root": str(base / "synthetic")})
     cfg = params.synthetic
-    write_dataset(base / "synthetic", {"train": cfg.train, "val": cfg.val}, cfg.seed, cfg.width, cfg.height)
-    for split in ("train", "val"):
+    write_dataset(base / "synthetic", {"train": cfg.train, "val": cfg.val, "test": cfg.test}, cfg.seed, cfg.width,
+                  cfg.height)
+    for split in ("train", "val", "test"):
         prepare_split(base / "synthetic", split, base / "prepared", params.data, workers=1)
-    return TinyDataset(base / "synthetic", base / "prepared", params,
-                       load_split(base / "prepared", "train"), load_split(base / "prepared", "val"))
+    return TinyDataset(base / "synthetic", base / "prepared", params, *(load_split(base / "prepared", s)
+                                                                         for s in ("train", "val", "test")))
 
 
 REPO_FILES = ["stages", "offroad", "experiments", "dvc_templates", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",

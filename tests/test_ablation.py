@@ -17,9 +17,9 @@ def iou(accuracy: float) -> float:
     return accuracy / (2 - accuracy)
 
 
-def run(rev: str, accuracy: float, spread: np.ndarray, **params) -> review.Side:
+def run(rev: str, accuracy: float, spread: np.ndarray, **params) -> review.Group:
     made = side(rev, image_cms(accuracy + spread))
-    made.params.update(params)
+    made.runs[0].params.update(params)
     return made
 
 
@@ -37,9 +37,9 @@ def test_shares_match_closed_form_ious_and_say_what_was_reverted():
     assert whole["sum"][0] == pytest.approx(rows[0].share[0])
     text = ablation.markdown(rows, whole, ablation.Compared("phase2", "phase1", "miou", 1000, 0))
     cells = rows_of(text)
-    assert cells["no-adamw"][:2] == ["optimizer.name=sgd", f"{iou(0.8):.4f}"]
+    assert cells["no-adamw"][:3] == ["1", "optimizer.name=sgd", f"{iou(0.8):.4f}"]
     assert cells["no-adamw"][-1] == "~40 %" and cells["no-amp"][-1] == "—"
-    assert cells["no-adamw"][4] == "needed" and cells["no-amp"][4] == "within noise"
+    assert cells["no-adamw"][5] == "needed" and cells["no-amp"][5] == "within noise"
 
 
 def test_a_part_inside_the_noise_gets_an_interval_across_zero():
@@ -60,8 +60,8 @@ def test_a_part_inside_the_noise_gets_an_interval_across_zero():
 def test_only_the_images_every_run_scored_are_compared():
     full, base = run("phase2", 0.9, np.zeros(N)), run("phase1", 0.5, np.zeros(N))
     part = run("no-epochs", 0.7, np.zeros(N))
-    names, cms = part.per_image
-    part.per_image = (names[:-5], cms[:-5])
+    names, cms = part.runs[0].per_image
+    part.runs[0].per_image = (names[:-5], cms[:-5])
     _, whole = ablation.table(full, base, [part])
     assert whole["images"] == N - 5
 
@@ -82,4 +82,4 @@ def test_without_a_gain_there_is_no_share():
     full, base, part = run("phase2", 0.7, same), run("phase1", 0.7, same), run("no-adamw", 0.6, same)
     rows, whole = ablation.table(full, base, [part])
     text = ablation.markdown(rows, whole, ablation.Compared("phase2", "phase1", "miou", 1000, 0))
-    assert rows_of(text)["no-adamw"][3] == "—" and "The gain itself is within noise" in text
+    assert rows_of(text)["no-adamw"][4] == "—" and "The gain itself is within noise" in text

@@ -176,9 +176,14 @@ def reference_scores(params, split, weights):
 def test_evaluate_writes_dataset_level_metrics_then_plot_draws_them(trained, tiny_dataset):
     root, params, weights = trained
     evaluate.main()
-    report = json.loads((root / artifacts.EVAL_METRICS).read_text())
-    assert (report["checkpoint"], report["epoch"], report["split"], report["images"]) == ("models/best.pt", 2, "val", 3)
-    pred, loss, ious, accuracy = reference_scores(params, tiny_dataset.val, weights)
+    scored = json.loads((root / artifacts.EVAL_METRICS).read_text())
+    assert (scored["checkpoint"], scored["epoch"], scored["val"]["images"], scored["test"]["images"]) == \
+        ("models/best.pt", 2, 3, 4)
+    val_pred, val_loss, val_ious, _ = reference_scores(params, tiny_dataset.val, weights)
+    assert scored["val"]["loss"] == pytest.approx(val_loss, abs=1e-5)
+    assert scored["val"]["miou"] == pytest.approx(np.mean(list(val_ious.values())), abs=1e-5)
+    report = scored["test"]  # the held-out split: the plots and examples show it
+    pred, loss, ious, accuracy = reference_scores(params, tiny_dataset.test, weights)
     assert report["loss"] == pytest.approx(loss, abs=1e-5)
     assert report["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-5)
     assert report["miou"] == pytest.approx(np.mean(list(ious.values())), abs=1e-5)
@@ -194,10 +199,12 @@ def test_evaluate_writes_dataset_level_metrics_then_plot_draws_them(trained, tin
     assert all(float(r["iou"]) == report["per_class"][r["class"]]["iou"] for r in rows)
     cm, cm_names = artifacts.read_confusion(root / artifacts.CONFUSION)
     assert cm_names == params.data.class_names
-    assert cm.sum() == (np.array(tiny_dataset.val.masks) != 255).sum()
-    names, per_image = artifacts.read_per_image(params.data.class_names, root / artifacts.PER_IMAGE)
-    assert names == tiny_dataset.val.names
-    gt = np.array(tiny_dataset.val.masks)
+    assert cm.sum() == (np.array(tiny_dataset.test.masks) != 255).sum()
+    names, per_image = artifacts.read_per_image(params.data.class_names, root / artifacts.PER_IMAGE["test"])
+    assert names == tiny_dataset.test.names
+    val_names, val_per_image = artifacts.read_per_image(params.data.class_names, root / artifacts.PER_IMAGE["val"])
+    assert val_names == tiny_dataset.val.names and val_per_image.sum() == (np.array(tiny_dataset.val.masks) != 255).sum()
+    gt = np.array(tiny_dataset.test.masks)
     for i in range(len(names)):  # each image's matrix, counted here from its predictions
         labelled = gt[i] != 255
         expected = np.zeros_like(per_image[i])
@@ -207,14 +214,14 @@ def test_evaluate_writes_dataset_level_metrics_then_plot_draws_them(trained, tin
     for score in ("miou", "mdice", "pixel_accuracy", "mean_class_accuracy"):
         assert report[f"{score}_low"] <= report[score] <= report[f"{score}_high"]
     with np.load(root / artifacts.EXAMPLES) as z:
-        np.testing.assert_array_equal(z["images"], tiny_dataset.val.images[:2])
-        np.testing.assert_array_equal(z["masks"], tiny_dataset.val.masks[:2])
+        np.testing.assert_array_equal(z["images"], tiny_dataset.test.images[:2])
+        np.testing.assert_array_equal(z["masks"], tiny_dataset.test.masks[:2])
         np.testing.assert_array_equal(z["preds"], pred[:2])
-        assert list(z["names"]) == tiny_dataset.val.names[:2]
+        assert list(z["names"]) == tiny_dataset.test.names[:2]
     examples_bytes = (root / artifacts.EXAMPLES).read_bytes()
     table = (root / artifacts.EVAL_TABLE).read_text()
-    table_miou = next(float(line.split()[-1]) for line in table.splitlines() if line.startswith("Mean IoU"))
-    assert table_miou == pytest.approx(report["miou"], abs=1e-4)
+    table_mious = [float(line.split()[-1]) for line in table.splitlines() if line.startswith("Mean IoU")]
+    assert table_mious == pytest.approx([report["miou"], scored["val"]["miou"]], abs=1e-4)  # test first
     assert "    3*" in table  # best epoch of the history
 
     evaluate.main()

@@ -27,8 +27,8 @@ def test_evaluate_json_equals_the_history_row_of_the_kept_epoch(tiny_dataset, tm
             write_params("params.yaml", {**PARAMS, "train.amp": amp, "train.checkpoint": checkpoint,
                                          "evaluate.batch_size": batch_size})
             evaluate.main()
-            report = json.loads(open("metrics/evaluate.json").read())
-            row = history[report["epoch"]]
+            scored = json.loads(open("metrics/evaluate.json").read())
+            report, row = scored["val"], history[scored["epoch"]]
             for metric, column in [("loss", "val_loss"), ("miou", "val_iou"), ("mdice", "val_dice"),
                                    ("pixel_accuracy", "val_acc")]:
                 assert report[metric] == pytest.approx(float(row[column]), abs=1e-5), (checkpoint, batch_size, metric)

@@ -812,8 +812,12 @@ WARNINGS = {
     "images of another aspect ratio": (
         "prepare", params({"data.image_size": [112, 112]}),
         "image(s) in data/synthetic/val/Color_Images are of an aspect ratio more than 25 % off", "stretched"),
-    "evaluation on the train split": ("evaluate", params({"evaluate.split": "train"}),
-                                      "evaluate.split is 'train'", "not how well it generalises"),
+    "test images also in train": ("prepare", lambda r: shutil.copy(r / "data/synthetic/train/Color_Images/train_00000.png",
+                                                                 r / "data/synthetic/test/Color_Images/train_00000.png")
+                                  or shutil.copy(r / "data/synthetic/train/Segmentation/train_00000.png",
+                                                 r / "data/synthetic/test/Segmentation/train_00000.png"),
+                                  "1 image name(s) are in both the train (data/synthetic/train) and the test split "
+                                  "(data/synthetic/test): train_00000.png", "optimistic"),
     "random backbone on real data": ("train", params({"data.root": "data/real"}),
                                      "model.weights is 'random' with data.root data/real", "-S model.weights=dinov2"),
 }

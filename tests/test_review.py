@@ -58,13 +58,17 @@ def test_pairing_decides_where_the_unpaired_intervals_overlap():
         assert result[score]["verdict"] == "better" and result[score]["low"] > 0.01
 
 
-def side(rev: str, cms: np.ndarray | None, lr: float = 5e-4) -> review.Side:
-    names = ["Background", "Trees", "Sky"]
+CLASSES = [{"name": n} for n in ("Background", "Trees", "Sky")]
+
+
+def side(rev: str, cms: np.ndarray | None, lr: float = 5e-4) -> review.Group:
+    """One run, as a review side."""
     scores = metrics.dataset_scores(cms.sum(0)) if cms is not None else dict.fromkeys(metrics.SCORES, 0.5)
-    per_image = None if cms is None else ([f"val_{i:03d}.png" for i in range(len(cms))], cms)
-    return review.Side(rev, {"optimizer.lr": lr, "train.epochs": 30}, {**{k: float(v) for k, v in scores.items()},
-                       "loss": 1.0, "best_epoch": 3}, {n: {"iou": 0.25 * i} for i, n in enumerate(names)},
-                       per_image, {"plots/images/per_class_iou.png": b"png"})
+    per_image = None if cms is None else ([f"test_{i:03d}.png" for i in range(len(cms))], cms)
+    run = review.Side(rev, {"optimizer.lr": lr, "train.epochs": 30, "data.classes": CLASSES},
+                      {**{f"test.{k}": float(v) for k, v in scores.items()}, "test.loss": 1.0, "best_epoch": 3}, {},
+                      per_image, {"plots/images/per_class_iou.png": b"png"})
+    return review.Group(rev, [run])
 
 
 def rows(markdown: str) -> dict[str, list[str]]:
@@ -83,9 +87,9 @@ def test_report_lists_changed_params_verdicts_per_class_iou_and_figures(tmp_path
     text = review.report(side("main", old), side("lr1e-3", new, lr=1e-3), out=tmp_path / "report.md")
     table = rows(text)
     assert table["optimizer.lr"] == ["0.0005", "0.001"] and "train.epochs" not in table
-    assert table["miou"][-1] == "better" and table["pixel_accuracy"][-1] == "better"
-    assert table["loss"] == ["1", "1", "+0", "", ""]  # no per-image form: no verdict
-    assert table["Sky"] == ["0.5", "0.5", "+0"]
+    assert table["test.miou"][-1] == "better" and table["test.pixel_accuracy"][-1] == "better"
+    assert table["test.loss"] == ["1", "1", "+0", "", ""]  # no per-image form: no verdict
+    assert table["Sky"][-1] == "better"  # per class, with its own interval
     assert table["per_class_iou.png"] == ["[main](report_figures/old/per_class_iou.png)",
                                           "[lr1e-3](report_figures/new/per_class_iou.png)"]
     assert (tmp_path / "report_figures/new/per_class_iou.png").read_bytes() == b"png"
@@ -98,7 +102,7 @@ def test_report_names_the_side_without_per_image_data():
     assert "`workspace` has no per-image data" not in text
     assert "better" not in text and "within noise" not in text
     text = review.report(side("a", cms), side("workspace", None))
-    assert "`workspace` has no per-image data (`metrics/per_image_confusion.csv`), so its scores cannot be tested " \
+    assert "`workspace` has no per-image data (`metrics/per_image/test.csv`), so its scores cannot be tested " \
            "against noise. To produce it, run `dvc repro evaluate`." in text
 
 
@@ -129,7 +133,7 @@ def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):
     review.main(["HEAD", "--out", str(tmp_path / "same.md")])  # HEAD against the rerun workspace
     same = (tmp_path / "same.md").read_text()
     assert "No param changed." in same
-    verdicts = [cells[-1] for name, cells in rows(same).items() if name in metrics.SCORES]
+    verdicts = [cells[-1] for name, cells in rows(same).items() if name in review.TESTED]
     assert verdicts == ["within noise"] * len(metrics.SCORES)
     assert sorted(p.name for p in (tmp_path / "same_figures/new").iterdir()) == \
         sorted(p.name for p in (repo / "plots/images").iterdir())
@@ -141,9 +145,9 @@ def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):
     review.main(["HEAD", "batch1", "--out", str(tmp_path / "exp.md")])
     table = rows((tmp_path / "exp.md").read_text())
     assert table["evaluate.batch_size"] == ["8", "1"]
-    assert [table[s][-1] for s in metrics.SCORES] == ["within noise"] * len(metrics.SCORES)
+    assert [table[s][-1] for s in review.TESTED] == ["within noise"] * len(metrics.SCORES)
 
-    with pytest.raises(PipelineError, match="no-such-rev: cannot read its params and metrics"):
+    with pytest.raises(PipelineError, match="no-such-rev: no evidence/no-such-rev/ and no git revision or experiment"):
         review.main(["no-such-rev"])
 
 
@@ -164,8 +168,8 @@ def test_resampling_options_out_of_range_get_one_line(command, args, message, ca
 def test_reports_never_overwrite_pipeline_or_tracked_files_unless_forced(rerun, tmp_path, monkeypatch):
     repo = copy_project(rerun[0], tmp_path / "repo")
     monkeypatch.chdir(repo)
-    before = {p: p.read_bytes() for p in (Path("metrics/per_image_confusion.csv"), Path("metrics/evaluate.json"))}
-    for command, out, reason in ((review.main, "metrics/per_image_confusion.csv", "the pipeline reads or writes it"),
+    before = {p: p.read_bytes() for p in (Path("metrics/per_image/test.csv"), Path("metrics/evaluate.json"))}
+    for command, out, reason in ((review.main, "metrics/per_image/test.csv", "the pipeline reads or writes it"),
                                  (ablation.main, "metrics/evaluate.json", "the pipeline reads or writes it"),
                                  (review.main, "plots/images/report.md", "the pipeline reads or writes it"),
                                  (review.main, ".gitignore", "git tracks it")):
@@ -196,7 +200,7 @@ def test_per_image_files_that_are_not_pixel_counts_are_refused(rows, message):
     with pytest.raises(artifacts.ArtifactError, match=re.escape(message)):
         artifacts.parse_per_image(PER_IMAGE_HEADER + rows, ["Background", "Trees", "Sky"], "per_image.csv")
     names, cms = artifacts.parse_per_image(PER_IMAGE_HEADER + "a.png,Sky,Sky,40\na.png,Sky,Trees,1\n",
-                                           ["Background", "Trees", "Sky"])
+                                           ["Background", "Trees", "Sky"], "per_image.csv")
     assert names == ["a.png"] and cms[0, 2, 2] == 40 and cms[0, 2, 1] == 1 and cms.sum() == 41
 
 
@@ -218,8 +222,8 @@ def test_per_image_matrices_and_evaluate_json_of_different_evaluations_are_refus
 def test_sides_with_other_classes_are_refused_not_scored_across():
     cms = image_cms(np.full(5, 0.5))
     ten, eleven = side("HEAD", cms), side("eleven", cms)
-    ten.params["data.classes"] = [{"name": n} for n in ("Background", "Trees", "Sky")]
-    eleven.params["data.classes"] = [{"name": n} for n in ("Background", "Trees", "Sky", "Water")]
+    ten.runs[0].params["data.classes"] = [{"name": n} for n in ("Background", "Trees", "Sky")]
+    eleven.runs[0].params["data.classes"] = [{"name": n} for n in ("Background", "Trees", "Sky", "Water")]
     with pytest.raises(review.ReviewError, match=r"`HEAD` has 3 classes and `eleven` 4 \(Water\): their scores "
                                                  "cannot be compared"):
         review.report(ten, eleven)

@@ -38,3 +38,13 @@ def test_full_resolution_logits_are_fp32_under_autocast():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, upsample_bilinear(x.float(), (266, 476)), rtol=0, atol=0)
     assert not torch.equal(got, got.bfloat16().float())  # not rounded to bf16 on the way
+
+
+def test_a_matrix_first_built_during_evaluation_still_trains():
+    bilinear_matrix.cache_clear()
+    x = torch.randn(1, 2, 7, 9)
+    with torch.inference_mode():
+        upsample_bilinear(x, (23, 31))  # evaluation builds and caches the matrices
+    x.requires_grad_(True)
+    upsample_bilinear(x, (23, 31)).sum().backward()  # training reuses them
+    assert x.grad is not None and x.grad.shape == x.shape
