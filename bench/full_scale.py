@@ -71,18 +71,19 @@ def feature_cache_gb(params, cached_images: int) -> float:
     return cached_images * (width // PATCH) * (height // PATCH) * dim * dtype_bytes / GB
 
 
-def rehearse(work: Path, train: int, val: int, overrides: dict[str, Any]) -> list[dict]:
+def rehearse(work: Path, train: int, val: int, test: int, overrides: dict[str, Any]) -> list[dict]:
     for name in COPIED:
         src = REPO / name
         (shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy2(src, work / name))
     params_file = work / "params.yaml"
-    override(params_file, {**overrides, "synthetic.train": train, "synthetic.val": val})  # the sizes win
+    override(params_file, {**overrides, "synthetic.train": train, "synthetic.val": val,
+                            "synthetic.test": test})  # the sizes win
     base = params_file.read_text()
     log = work / "rehearsal.log"
     rows = []
-    steps = [("synthesize", "synthesize", {}, train + val, [artifacts.SYNTHETIC]),
-             ("prepare", "prepare", {}, train + val, [artifacts.PREPARED]),
+    steps = [("synthesize", "synthesize", {}, train + val + test, [artifacts.SYNTHETIC]),
+             ("prepare", "prepare", {}, train + val + test, [artifacts.PREPARED]),
              ("class_weights", "class_weights", {}, train, [artifacts.CLASS_WEIGHTS]),
              ("train: 1 Phase 2 epoch", "train", {"train.epochs": 1}, train, [Path("models")]),
              ("train: 1 Phase 1 epoch", "train", {**read_overrides(PHASE1), "train.epochs": 1}, train,
@@ -100,7 +101,7 @@ def rehearse(work: Path, train: int, val: int, overrides: dict[str, Any]) -> lis
                "disk": disk([work / p for p in outs]), "cache": None}
         if stage == "train":
             row["cache"] = feature_cache_gb(params, val + (0 if params.augment.enabled else train))
-            row["train_seconds"] = json.loads((work / artifacts.TRAIN_SPEED).read_text())["train_seconds"]
+            row["train_seconds"] = json.loads((work / artifacts.TRAIN_RUN).read_text())["train_seconds"]
         rows.append(row)
         print(f"full_scale: {label}: {row['wall']:.0f} s", file=sys.stderr, flush=True)
     return rows
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m bench.full_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=2857)
     parser.add_argument("--val", type=int, default=317)
+    parser.add_argument("--test", type=int, default=1002, help="test images (default 1002, the real test download's)")
     parser.add_argument("--workdir", type=Path, help="scratch folder, kept (default: a temporary one, removed)")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -142,10 +144,10 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(str(e))
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=False)
-        rows = rehearse(args.workdir, args.train, args.val, overrides)
+        rows = rehearse(args.workdir, args.train, args.val, args.test, overrides)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = rehearse(Path(tmp), args.train, args.val, overrides)
+            rows = rehearse(Path(tmp), args.train, args.val, args.test, overrides)
     text = table(rows, cpu_model())
     print(text, end="")
     return text

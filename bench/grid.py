@@ -63,9 +63,9 @@ def run_one(arm: str, seed: int, work: Path, name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.grid", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", nargs="+", default=list(ARGS), choices=list(ARGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--arms", nargs="+", default=list(ARGS), choices=list(ARGS), help="default: all")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.seed values (default 0 1 2)")
+    parser.add_argument("--parallel", type=int, default=4, help="runs at a time (default 4)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds after which no run starts")
     parser.add_argument("--save-as", help="evidence name for the runs (default: the arm's); one arm only")
     args = parser.parse_args()

@@ -39,6 +39,25 @@ TAIL = """
     <style>
         table {
             border-spacing: 15px;
+            table-layout: fixed;
+            width: 100%;
+        }
+        /* image plots: the revisions side by side, sharing the window (dvc-render lets them overflow it) */
+        div:has(> div > img) {
+            display: flex !important;
+            flex-wrap: wrap;
+            justify-content: center;
+        }
+        div:has(> div > img) > p {
+            flex-basis: 100%;
+        }
+        div:has(> img) {
+            flex: 1 1 0;
+            min-width: 0;
+        }
+        img {
+            max-width: 100%;
+            height: auto;
         }
     </style>
 </head>

@@ -70,8 +70,7 @@ def table(full: review.Group, base: review.Group, parts: list[review.Group],
     cms, images, _ = review.common_images([full, base, *parts])
     weights = bootstrap.resample_weights(images, compared.resamples, compared.seed)
     pick = lambda m: {compared.score: metrics.dataset_scores(m)[compared.score]}  # noqa: E731
-    found = [bootstrap.group_scores(runs, weights, pick, np.random.default_rng([compared.seed, i]))
-             for i, runs in enumerate(cms)]
+    found = bootstrap.groups_scores(cms, weights, pick, np.random.default_rng([compared.seed, 1]))
     point = [p[compared.score] for p, _ in found]
     boot = [b[compared.score] for _, b in found]
     at = level(len(parts))
@@ -130,9 +129,9 @@ def markdown(rows: list[Row], whole: dict, compared: Compared) -> str:
     lines += review.md_table(header, body)
     noise = "" if gain[1] > 0 else (" The gain itself is within noise here, so no share can be told from 0 or "
                                     "from 100 %.")
-    training = ("Training noise is included: each resample also draws each side's runs." if min(runs) > 1 and
-                all(r.runs > 1 for r in rows) else "**Training noise is not fully included**: a side with one run "
-                "holds its trained model fixed.")
+    counts = [*runs, *(r.runs for r in rows)]
+    training = (review.TRAINING_NOISE.format(runs=sum(counts), df=sum(counts) - len(counts)) if max(counts) > 1
+                else "**Training noise is not included**: one run a side holds the trained models fixed.")
     lines += ["", f"Bootstrap over the {whole['images']} test images every run scored ({compared.resamples} "
               f"resamples, seed {compared.seed}). {training} {len(rows) + 1} verdicts (the gain and each part), "
               f"each interval at {at} (Bonferroni), so all hold together at 95 %. *needed*: reverting the part "
@@ -149,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="phase1", help="the Phase 1 side (default phase1)")
     parser.add_argument("--parts", nargs="+", help="the ablation experiments (default: no-NAME for each "
                                                     f"{ARGS}/NAME.args)")
-    parser.add_argument("--score", default="miou", choices=metrics.SCORES)
+    parser.add_argument("--score", default="miou", choices=metrics.SCORES,
+                        help="the test-split score whose gain is shared out (default miou)")
     parser.add_argument("--out", type=Path, help="write the markdown here, not to stdout")
     review.add_report_args(parser)
     args = parser.parse_args(argv)

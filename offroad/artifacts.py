@@ -30,9 +30,10 @@ CLASS_WEIGHTS = Path("data/class_weights.json")
 CLASS_STATS = Path("metrics/class_stats.json")
 CHECKPOINTS = {"best": Path("models/best.pt"), "final": Path("models/final.pt")}
 LAST = Path("models/last.pt")  # resume state
-HISTORY = Path("plots/train/history.csv")
-TRAIN_METRICS = Path("metrics/train.json")
-TRAIN_SPEED = Path("metrics/speed/train.json")  # timings: not a dvc metric, so a rerun leaves `metrics diff` quiet
+LIVE = Path("dvclive")  # DVCLive's log of the train stage, written as it trains
+HISTORY = LIVE / "plots/metrics"  # one <series>.tsv per history column: step (the epoch) and value
+TRAIN_METRICS = LIVE / "metrics.json"  # the last epoch's values, the step, and the run's results
+TRAIN_RUN = Path("metrics/run/train.json")  # how it ran (device, timings): not a dvc metric, so diffs stay quiet
 EVAL_METRICS = Path("metrics/evaluate.json")
 EVAL_TABLE = Path("metrics/evaluation_metrics.txt")
 # per split: what the bootstrap intervals and the review report resample
@@ -194,40 +195,47 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
 
 
-# --- train metrics: metrics/train.json (results) and metrics/speed/train.json (timings) ----------------------
+# --- train results: dvclive/metrics.json (DVCLive's summary) and metrics/run/train.json (how it ran) --------
 
-SPEED_FIELDS = ("train_seconds", "images_per_second", "backbone_seconds_saved")  # differ on every run
-
-
-def write_train_metrics(summary: dict) -> None:
-    """The run's results to TRAIN_METRICS; its timings to TRAIN_SPEED, outside `dvc metrics diff`."""
-    write_json(TRAIN_SPEED, {k: summary[k] for k in SPEED_FIELDS})
-    write_json(TRAIN_METRICS, {k: v for k, v in summary.items() if k not in SPEED_FIELDS})
+RESULT_FIELDS = ("best_epoch", "best_val_iou", "epochs_run")  # numbers a rerun reproduces: `dvc metrics diff`
 
 
-# --- training history: plots/train/history.csv -----------------------------------------------------------
-
-def write_history(rows: list[dict], path: Path = HISTORY) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
+def write_run_facts(summary: dict) -> None:
+    """What describes how the run ran, not its result (device, precision, timings, work saved), to TRAIN_RUN,
+    outside `dvc metrics diff`; the results go to DVCLive's summary (offroad.training.close_log)."""
+    write_json(TRAIN_RUN, {k: v for k, v in summary.items() if k not in RESULT_FIELDS})
 
 
-def read_history(path: str | Path = HISTORY) -> dict[str, np.ndarray]:
-    """One float array per column."""
+# --- training history: DVCLive's dvclive/plots/metrics/<series>.tsv ----------------------------------------
+
+def history_metric(column: str) -> str:
+    """The DVCLive metric a history column is logged as: train_loss -> train/loss, lr -> lr."""
+    return column.replace("_", "/", 1)
+
+
+HISTORY_FILES = tuple(HISTORY / f"{history_metric(c)}.tsv" for c in HISTORY_COLUMNS[1:])
+
+
+def read_history(folder: str | Path = HISTORY) -> dict[str, np.ndarray]:
+    """One float array per HISTORY_COLUMNS column, by epoch, from DVCLive's series."""
+    series = {}
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        history = {c: np.array([float(r[c]) for r in rows]) for c in HISTORY_COLUMNS}
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: not found (run `dvc repro train`)") from None
+        for column in HISTORY_COLUMNS[1:]:
+            name = history_metric(column)
+            with open(Path(folder) / f"{name}.tsv", newline="") as f:
+                series[column] = {int(r["step"]): float(r[name.rpartition("/")[2]])
+                                  for r in csv.DictReader(f, delimiter="\t")}
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{e.filename}: not found (run `dvc repro train`)") from None
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: bad column or value ({e}); expected {', '.join(HISTORY_COLUMNS)}") from None
-    if not rows:
-        raise ArtifactError(f"{path}: no epochs")
-    return history
+        raise ArtifactError(f"{folder}: bad column or value ({e}) in DVCLive's series") from None
+    epochs = sorted(series["train_loss"])
+    if not epochs:
+        raise ArtifactError(f"{folder}: no epochs")
+    if any(sorted(s) != epochs for s in series.values()):
+        raise ArtifactError(f"{folder}: the series cover different epochs (an interrupted run?); "
+                            "rerun `dvc repro train`")
+    return {"epoch": np.array(epochs, np.float64), **{c: np.array([s[e] for e in epochs]) for c, s in series.items()}}
 
 
 # --- evaluation tables: plots/evaluate/{per_class,confusion}.csv -----------------------------------------

@@ -10,11 +10,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from offroad.artifacts import PreparedSplit, write_split
 from offroad.config import Data
 from offroad.errors import check_interrupt, warn, worker_pool
+from offroad.progress import progress
 from offroad.raw import DataError, find_split, list_pairs, read_image, read_mask, split_folder
 
 UNKNOWN = -1  # class_lut value of a raw id that data.classes does not map
@@ -134,8 +134,7 @@ def prepare_split(root: str | Path, split: str, out_dir: str | Path, data: Data,
         sizes = []
         with worker_pool(workers) as pool:
             results = pool.map(load, *sources, chunksize=8) if pool else map(load, *sources)
-            bar = tqdm(results, total=len(pairs), desc=f"prepare {split}", unit="img", disable=None)
-            for i, (image, mask, source_size) in enumerate(bar):
+            for i, (image, mask, source_size) in enumerate(progress(results, len(pairs), f"prepare {split}")):
                 check_interrupt()
                 images[i], masks[i] = image, mask
                 sizes.append(source_size)

@@ -28,13 +28,19 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _train(root: Path = Path(".")) -> dict:
+    """A run's train results and how it ran (dvclive/metrics.json and metrics/run/train.json)."""
+    ran = root / artifacts.TRAIN_RUN
+    return {**_json(root / artifacts.TRAIN_METRICS), **(_json(ran) if ran.is_file() else {})}
+
+
 def _run_facts(train: dict) -> str:
     return f"{train.get('device', '?')}, {str(train.get('precision', '?')).split(' (')[0]}"
 
 
 def results() -> str:
     """The default run's scores on test (the headline) and val (which chose the epoch)."""
-    scored, train = _json(artifacts.EVAL_METRICS), _json(artifacts.TRAIN_METRICS)
+    scored, train = _json(artifacts.EVAL_METRICS), _train()
     rows = []
     for split in (artifacts.HEADLINE, "val"):
         s = scored[split]
@@ -54,8 +60,7 @@ def _runs(name: str) -> list[tuple[str, dict, dict, dict]]:
     folders = evidence.runs(name)
     if folders is None:
         raise PipelineError(f"evidence/{name}: not there; see README (Evidence)")
-    return [(f.name, _json(f / artifacts.EVAL_METRICS), _json(f / artifacts.TRAIN_METRICS),
-             _json(f / evidence.SOURCE)) for f in folders]
+    return [(f.name, _json(f / artifacts.EVAL_METRICS), _train(f), _json(f / evidence.SOURCE)) for f in folders]
 
 
 def seeds() -> str:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import inspect
 import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator
+
+import yaml
 
 KEPT = "nothing half-written was kept and the earlier outputs are as they were"
 PR_SET_PDEATHSIG = 1  # linux prctl option
@@ -74,6 +78,8 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
 def run_cli(main: Callable[[], None], kept: str = KEPT, then: str = "`dvc repro` resumes") -> None:
     """Run a stage or command: a PipelineError or an OSError is one `error:` line and exit 1; SIGINT / SIGTERM
     one `interrupted` line saying what was `kept` and what to do `then`, and exit 130 / 143."""
+    if not inspect.signature(main).parameters:  # a stage: params.yaml is its only input
+        stage_arguments(sys.argv[1:])
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _interrupt)
     try:
@@ -91,6 +97,35 @@ def run_cli(main: Callable[[], None], kept: str = KEPT, then: str = "`dvc repro`
     gc.collect()
     print(line, file=sys.stderr)
     sys.exit(code)
+
+
+def stage_arguments(args: list[str]) -> None:
+    """A stage takes no arguments: --help prints what it does, reads and writes (from dvc.yaml); anything
+    else is an error that says where its configuration is."""
+    module = getattr(sys.modules["__main__"].__spec__, "name", "stages.?")
+    name = module.rpartition(".")[2]
+    if args in (["-h"], ["--help"]):
+        print(f"usage: python -m {module}   (or: dvc repro {name})\n\n{(sys.modules['__main__'].__doc__ or '').strip()}"
+              f"\n\nIt takes no arguments: its configuration is params.yaml (for one experiment: "
+              f"dvc exp run -S key=value).{_stage_spec(name)}")
+        sys.exit(0)
+    if args:
+        print(f"error: {module} takes no arguments (got {' '.join(args)}); its configuration is params.yaml: "
+              f"edit it, or `dvc exp run -S key=value`; --help says what it reads", file=sys.stderr)
+        sys.exit(2)
+
+
+def _stage_spec(name: str) -> str:
+    try:
+        stage = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][name]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return ""
+
+    def names(key: str, keep: Callable[[str], bool] = lambda _: True) -> str:
+        listed = (next(iter(e)) if isinstance(e, dict) else str(e) for e in stage.get(key) or [])
+        return ", ".join(n for n in listed if keep(n))
+    return (f"\n\nFrom dvc.yaml (its code deps are the modules it imports):\n  params: {names('params')}\n"
+            f"  reads: {names('deps', lambda n: not n.endswith('.py'))}\n  writes: {names('outs')}")
 
 
 def worker_init(stage: int) -> None:

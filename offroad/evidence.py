@@ -4,9 +4,9 @@
 
 Writes evidence/OUT from the workspace (no REV), from one revision or experiment, or, given several, one
 folder per run, evidence/OUT/seedN (the runs' train.seed). A run's folder holds the files of the repository
-that a review reads, at the same paths: params.yaml (all params), metrics/train.json, metrics/evaluate.json,
-metrics/per_image/{val,test}.csv, plots/train/history.csv, metrics/speed/train.json, and source.json (the
-revision and commit it came from). `offroad.review` and `offroad.ablation` read evidence/NAME as a side,
+that a review reads, at the same paths: params.yaml (all params), dvclive/metrics.json, metrics/evaluate.json,
+metrics/per_image/{val,test}.csv, metrics/run/train.json, DVCLive's per-epoch series dvclive/plots/metrics/,
+and source.json (the revision and commit it came from). `offroad.review` and `offroad.ablation` read evidence/NAME as a side,
 before any experiment or revision of that name.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from offroad.errors import PipelineError, run_cli
 
 EVIDENCE = Path("evidence")
 WORKSPACE = "workspace"
-FILES = (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS, *artifacts.PER_IMAGE.values(), artifacts.HISTORY,
-         artifacts.TRAIN_SPEED)
+FILES = (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS, *artifacts.PER_IMAGE.values(), artifacts.TRAIN_RUN,
+         *artifacts.HISTORY_FILES)
 PARAMS = Path("params.yaml")
 SOURCE = Path("source.json")
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from offroad import artifacts, atomic
 from offroad.config import Data, load_params
 from offroad.data import class_lut, map_mask, resize_area, resize_labels
 from offroad.errors import PipelineError, run_cli
 from offroad.metrics import confusion_matrix, format_summary, rounded, summarize
+from offroad.progress import progress
 from offroad.raw import MASKS, read_image, read_mask
 from offroad.runtime import Run, autocast, configure_cpu, resolve_device
 from offroad.segmenter import Segmenter, load_segmenter, place, predicted_labels
@@ -95,7 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--masks", type=Path, help="ground-truth masks (default: Segmentation/ beside --images)")
     parser.add_argument("--checkpoint", type=Path, help="head checkpoint (default: per params train.checkpoint)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="the params file whose data and model sections the checkpoint was trained with "
+                             "(default params.yaml)")
     return parser.parse_args(argv)
 
 
@@ -130,7 +132,7 @@ def predict_all(segmenter: Segmenter, images: list[Path], masks: list[Path] | No
     """Write each image's mask and overlay under `out`; the confusion matrix against `masks` (zeros without)."""
     lut = class_lut(data)
     cm = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
-    for i, path in enumerate(tqdm(images, desc="predict", unit="img", disable=None)):
+    for i, path in enumerate(progress(images, len(images), "predict")):
         image = read_image(path)
         pred = segment(segmenter, image, tuple(data.image_size), run.device, run.amp, run.amp_dtype)
         write_png(out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))

@@ -42,7 +42,7 @@ class Side:
     """One run."""
     rev: str
     params: dict[str, Any]  # flat: "optimizer.lr" -> value
-    metrics: dict[str, Any]  # flat, from metrics/train.json and metrics/evaluate.json (per_class left out): {} if none
+    metrics: dict[str, Any]  # flat, from dvclive/metrics.json and metrics/evaluate.json (per_class left out): {} if none
     per_class: dict[str, dict]  # the test split's per_class
     per_image: tuple[list[str], np.ndarray] | None  # the test images' names and [N, K, K] counts; None if not there
     figures: dict[str, bytes]  # plots/images/NAME.png -> bytes
@@ -206,17 +206,23 @@ def missing_note(side: Side) -> str:
             f"tested against noise. To produce it, {produce}.")
 
 
+TRAINING_NOISE = ("Training noise is included: the spread of the {runs} runs around their side's mean, pooled "
+                  "({df} degrees of freedom), is added to each resample as t-distributed noise on each side's mean "
+                  "(offroad.bootstrap.groups_scores).")
+
+
 def noise_note(groups: list[Group]) -> str:
-    """What the intervals include: training noise only when every side has several runs."""
+    """What the intervals include: training noise when some side has several runs to measure it by."""
     single = [g.rev for g in groups if len(g.runs) == 1]
-    if single:
+    if len(single) == len(groups):
         return (f"**Training noise is not included**: {', '.join(f'`{s}`' for s in single)} "
                 f"{'is one run' if len(single) == 1 else 'are one run each'}, so the intervals hold the trained "
                 "models fixed and measure the test images' noise only; a change of seed alone can pass them. "
                 "Compare seed replicates (`-S train.seed=0,1,2`) as groups for a verdict on the recipe.")
-    runs = ", ".join(f"`{g.rev}` {len(g.runs)}" for g in groups)
-    return (f"Training noise is included: runs per side {runs}; each resample also draws each side's runs "
-            "with replacement (their spread widened by sqrt(R/(R−1))), and a side's score is its runs' mean.")
+    runs = sum(len(g.runs) for g in groups)
+    assumed = f" For {', '.join(f'`{s}`' for s in single)} (one run) it is assumed the same." if single else ""
+    return TRAINING_NOISE.format(runs=runs, df=runs - len(groups)) + f" Runs per side: " + \
+        ", ".join(f"`{g.rev}` {len(g.runs)}" for g in groups) + "." + assumed
 
 
 def level(tests: int) -> str:

@@ -203,13 +203,16 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def choose_attention(setting: str, flags: set[str] | None = None) -> tuple[str, str]:
-    """The attention kernel for model.attention (auto | sdpa | matmul) and why: decided by the CPU's
-    capabilities, never by timing, so a run does not change kernels (and bf16 roundings) from run to run.
-    auto: the hand-written matmul attention where bf16 runs on AVX-512 bf16 without AMX (AMD EPYC: 2.6x
-    SDPA's speed), SDPA where AMX tiles do the bf16 matmuls (Intel Xeon: SDPA 37 % faster) and elsewhere."""
+def choose_attention(setting: str, flags: set[str] | None = None, device_type: str = "cpu") -> tuple[str, str]:
+    """The attention kernel for model.attention (auto | sdpa | matmul) and why: decided by the device and the
+    CPU's capabilities, never by timing, so a run does not change kernels (and bf16 roundings) from run to run.
+    auto: SDPA on a GPU (its fused kernels); on a CPU the hand-written matmul attention where bf16 runs on
+    AVX-512 bf16 without AMX (AMD EPYC: 2.6x SDPA's speed), SDPA where AMX tiles do the bf16 matmuls (Intel
+    Xeon: SDPA 37 % faster) and elsewhere."""
     if setting != "auto":
         return setting, "model.attention"
+    if device_type != "cpu":
+        return "sdpa", "auto: GPU"
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
         return "sdpa", "auto: CPU with AMX"

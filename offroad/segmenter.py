@@ -35,6 +35,7 @@ class Segmenter(nn.Module):
         self.backbone = backbone.requires_grad_(False).eval()
         self.head = head
         self.layers = layers  # backbone blocks fed to the head
+        self.attention = "auto"  # model.attention, for place() to choose by the device
 
     def train(self, mode: bool = True) -> "Segmenter":
         super().train(mode)
@@ -73,13 +74,16 @@ def build_model(model: Model, num_classes: int) -> Segmenter:
     backbone.set_attention(choose_attention(model.attention)[0])
     # channels-last convolutions: a bf16 train step of either head at batch 2 is ~10 % faster on the CPU
     # (inference ~27 %), and it is the layout bf16 convolutions want on GPUs
-    return Segmenter(backbone, head.to(memory_format=torch.channels_last), layers)
+    segmenter = Segmenter(backbone, head.to(memory_format=torch.channels_last), layers)
+    segmenter.attention = model.attention
+    return segmenter
 
 
 def place(segmenter: Segmenter, run: Run) -> Segmenter:
     """The model on the run's device; under amp with its backbone's matmul weights kept in the autocast dtype
     (DinoVisionTransformer.keep_weights_in: the same features; backbone +15 % at batch 2 on an Intel Xeon)."""
     segmenter = segmenter.to(run.device)
+    segmenter.backbone.set_attention(choose_attention(segmenter.attention, device_type=run.device.type)[0])
     if run.amp:
         segmenter.backbone.keep_weights_in(run.amp_dtype)
     return segmenter

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from offroad.errors import check_interrupt, worker_pool
+from offroad.progress import progress
 from offroad.raw import IMAGES, MASKS
 
 # Raw ids of the real masks.
@@ -394,5 +394,5 @@ def write_dataset(root: str | Path, counts: dict[str, int], seed: int, width: in
     write = functools.partial(write_sample, root, seed=seed, width=width, height=height)
     with worker_pool(workers) as pool:
         done = pool.map(write, splits, indices, chunksize=4) if pool else map(write, splits, indices)
-        for _ in tqdm(done, total=len(splits), desc="synthesize", unit="img", disable=None):
+        for _ in progress(done, len(splits), "synthesize"):
             check_interrupt()

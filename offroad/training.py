@@ -45,7 +45,7 @@ class Outputs:
     best: Path = artifacts.CHECKPOINTS["best"]
     final: Path = artifacts.CHECKPOINTS["final"]
     last: Path = artifacts.LAST  # resume state
-    history: Path = artifacts.HISTORY
+    live: Path = artifacts.LIVE  # DVCLive's log: per-epoch history and the run's results
 
 
 @dataclass(frozen=True)
@@ -336,8 +336,8 @@ def train_epoch(t: Trainer, inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
 
 def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outputs = Outputs(),
         log: Callable[[str], None] = print) -> dict:
-    """Train model.head, writing out.best, out.final, out.last and out.history. Returns the run's summary for
-    metrics/train.json."""
+    """Train model.head, writing out.best, out.final, out.last and DVCLive's log in out.live (each epoch's
+    history as it ends, the results at the end). Returns the run's summary."""
     cfg, dist = params.train, run.dist
     fp = fingerprint(params, inputs)
     others = [rank for rank, theirs in enumerate(dist.gather(fp)) if theirs != fp]
@@ -350,6 +350,7 @@ def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outp
     feed = TrainFeed(model, inputs.train, params, run)
     val_cache = FeatureCache(model, inputs.val.images, run)
     val = Scoring(val_cache, inputs.val.masks, np.arange(dist.rank, len(inputs.val), dist.world), cfg.batch_size)
+    live = open_log(out.live, state.history) if dist.writes_outputs else None
 
     start_epoch, started = state.epoch, time.perf_counter()
     for epoch in range(state.epoch, cfg.epochs):
@@ -367,9 +368,11 @@ def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outp
         val_stats = evaluate(model, t.loss, val, run)
         row = history_row(epoch + 1, lr_at(epoch + 1, params), train_stats, val_stats)
         improved = record_epoch(state, row, t)
-        if dist.writes_outputs:  # the resume state; the other outputs are written once, at the end
+        if dist.writes_outputs:  # the resume state and the live log; the models are written once, at the end
             atomic.save_torch(out.last, vars(state))
-        log(epoch_line(row, cfg.epochs) + (" *best" if improved else ""))
+            log_epoch(live, row)
+        log(epoch_line(row, cfg.epochs) + eta(time.perf_counter() - started, epoch + 1 - start_epoch,
+                                              cfg.epochs - epoch - 1) + (" *best" if improved else ""))
 
     seconds = time.perf_counter() - started
     state.complete = True
@@ -378,7 +381,10 @@ def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outp
     local = [val_cache.computed + feed.forwards, val_cache.computed, val_cache.seconds]
     work = BackboneWork(*dist.sum(torch.tensor(local, dtype=torch.float64, device=run.device)).tolist(),
                         len(inputs.train), len(inputs.val))
-    return run_summary(state, cfg.epochs, start_epoch, seconds, work)
+    summary = run_summary(state, cfg.epochs, start_epoch, seconds, work)
+    if dist.writes_outputs:
+        close_log(live, state, summary)
+    return summary
 
 
 def initial_state(t: Trainer, params: Params, state: State, last: Path, log: Callable[[str], None]) -> State:
@@ -404,6 +410,14 @@ def epoch_line(row: dict, epochs: int) -> str:
             f"lr {row['lr']:.3g}")
 
 
+def eta(seconds: float, done: int, left: int) -> str:
+    """` | 41 s/epoch, 9m20s left`: the mean epoch so far, and the time to the last epoch (early stopping may
+    end the run sooner)."""
+    per = seconds / done
+    minutes, rest = divmod(round(per * left), 60)
+    return f" | {per:.0f} s/epoch, {minutes}m{rest:02d}s left"
+
+
 def record_epoch(state: State, row: dict, t: Trainer) -> bool:
     """Append the epoch to the state; keep the head as the best if its val mIoU beats every earlier epoch."""
     state.history.append(row)
@@ -424,7 +438,33 @@ def save_models(model: Segmenter, params: Params, state: State, out: Outputs) ->
     atomic.save_torch(out.final, final)
     atomic.save_torch(out.best, best)
     atomic.save_torch(out.last, vars(state))
-    artifacts.write_history(state.history, out.history)
+
+
+def open_log(folder: Path, history: list[dict]):
+    """DVCLive's log in `folder`, started afresh and filled with the epochs `history` already holds, so a
+    resumed run continues the same log."""
+    from dvclive import Live  # noqa: PLC0415 (imports dvc, slow: only the process that writes outputs needs it)
+
+    live = Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+    for row in history:
+        log_epoch(live, row)
+    return live
+
+
+def log_epoch(live, row: dict) -> None:
+    """One epoch's history row as DVCLive metrics at step = the epoch; written at once (`dvc exp show`,
+    `dvc plots` and Studio see it while training runs)."""
+    live.step = row["epoch"]
+    for column in artifacts.HISTORY_COLUMNS[1:]:
+        live.log_metric(artifacts.history_metric(column), row[column])
+    live.next_step()
+
+
+def close_log(live, state: State, summary: dict) -> None:
+    """The run's results into DVCLive's summary (dvclive/metrics.json), at the last epoch's step."""
+    live.step = state.epoch
+    live.summary.update({k: summary[k] for k in artifacts.RESULT_FIELDS})
+    live.end()
 
 
 @dataclass(frozen=True)
@@ -439,7 +479,7 @@ class BackboneWork:
 
 
 def run_summary(state: State, epochs: int, start_epoch: int, seconds: float, work: BackboneWork) -> dict:
-    """The run's figures for metrics/train.json."""
+    """The run's figures: its results (DVCLive's summary) and how it ran (metrics/run/train.json)."""
     ran = state.epoch - start_epoch
     saved = ran * (work.train_images + work.val_images) - round(work.forwards)  # against no caching at all
     return {

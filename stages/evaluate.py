@@ -38,7 +38,7 @@ def main() -> None:
         results[name] = evaluate(model, loss_fn, images, run)
 
     summaries = {name: summarize(result.cm, data.class_names) for name, result in results.items()}
-    report = {"epoch": ckpt["epoch"], "checkpoint": str(checkpoint),
+    report = {"epoch": ckpt["epoch"],
               **{name: split_report(summaries[name], results[name], len(splits[name])) for name in splits}}
     weighting = "class-weighted " if params.loss.class_weighted else ""
     text = "".join(
@@ -62,12 +62,12 @@ def main() -> None:
 
 
 def split_report(summary: dict, result: Evaluation, images: int) -> dict:
-    """One split's scores, with 95 % intervals over resampled images (offroad.bootstrap: seeded, so the same on
-    every run), and its per-class scores."""
-    return {"miou": summary["miou"], "mdice": summary["mdice"], "pixel_accuracy": summary["pixel_accuracy"],
-            "mean_class_accuracy": summary["mean_class_accuracy"], "loss": result.loss,
-            **bootstrap.flat(bootstrap.intervals(result.per_image)), "images": images,
-            "per_class": summary["per_class"]}
+    """One split's scores, mIoU with its 95 % interval over resampled images (offroad.bootstrap: seeded, so the
+    same on every run). Per-class scores are in EVAL_TABLE and PER_CLASS, the other intervals in a review."""
+    low, high = bootstrap.intervals(result.per_image)["miou"]
+    return {"miou": summary["miou"], "miou_low": low, "miou_high": high, "mdice": summary["mdice"],
+            "pixel_accuracy": summary["pixel_accuracy"], "mean_class_accuracy": summary["mean_class_accuracy"],
+            "loss": result.loss, "images": images}
 
 
 if __name__ == "__main__":

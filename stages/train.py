@@ -22,8 +22,8 @@ def main() -> None:
     params = load_params()
     data = params.data
     # everything that can be checked is checked here, in seconds, not after the first epoch
-    atomic.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, artifacts.TRAIN_METRICS,
-                             artifacts.HISTORY)
+    atomic.check_writable(*artifacts.CHECKPOINTS.values(), artifacts.LAST, *artifacts.HISTORY_FILES,
+                          artifacts.TRAIN_METRICS, artifacts.TRAIN_RUN)
     train = artifacts.load_split(artifacts.PREPARED, "train", data)
     val = artifacts.load_split(artifacts.PREPARED, "val", data)
     artifacts.label_counts(train.masks, artifacts.PREPARED / "train", data, "there is nothing to learn from")
@@ -47,9 +47,9 @@ def main() -> None:
         f"backbone {params.model.backbone} ({params.model.weights}), augment {'on' if params.augment.enabled else 'off'}")
     summary = fit(model, params, RunInputs(train, val, weights, source_digest("stages.train")), run, log=log)
     if dist.writes_outputs:
-        artifacts.write_train_metrics({
+        artifacts.write_run_facts({
             **summary, "device": device.type, "world_size": dist.world, "precision": run.precision,
-            "attention": "{} ({})".format(*choose_attention(params.model.attention)),
+            "attention": "{} ({})".format(*choose_attention(params.model.attention, device_type=device.type)),
             "backbone": params.model.backbone,
             "backbone_weights": params.model.weights})
     if dist.world > 1:

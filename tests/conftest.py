@@ -1,6 +1,7 @@
 """Shared test helpers: params files with overrides, a tiny synthetic dataset, a git + DVC copy of the repo."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -112,6 +113,27 @@ def repo_copy(tmp_path) -> Path:
     """A fresh git repository (one commit) holding the project's stages/, dvc.yaml, params.yaml and DVC
     config, without data, dvc.lock or outputs: run real `dvc` commands in it with `run_dvc`."""
     return copy_repo(tmp_path / "repo")
+
+
+def train_summary(repo: Path) -> dict:
+    """What the train stage wrote: its results (DVCLive's dvclive/metrics.json) and how it ran
+    (metrics/run/train.json)."""
+    return {**json.loads((repo / "dvclive/metrics.json").read_text()),
+            **json.loads((repo / "metrics/run/train.json").read_text())}
+
+
+def history_rows(live: Path) -> list[dict]:
+    """The per-epoch rows DVCLive logged in `live` (a dvclive folder): {"epoch": int, column: float, ...}."""
+    from offroad.artifacts import HISTORY_COLUMNS, read_history  # noqa: PLC0415
+    history = read_history(live / "plots/metrics")
+    return [{c: int(history[c][i]) if c == "epoch" else float(history[c][i]) for c in HISTORY_COLUMNS}
+            for i in range(len(history["epoch"]))]
+
+
+def write_history(live: Path, rows: list[dict]) -> None:
+    """History rows logged through DVCLive into `live`, as the train stage logs them."""
+    from offroad.training import open_log  # noqa: PLC0415
+    open_log(live, rows).end()
 
 
 def run_dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

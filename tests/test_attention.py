@@ -56,7 +56,7 @@ def test_set_attention_reaches_every_block():
 
 @pytest.mark.parametrize("kernel, sdpa_calls", [("sdpa", 12), ("matmul", 0)])
 def test_the_chosen_kernel_is_the_one_that_runs(kernel, sdpa_calls, monkeypatch):
-    # metrics/train.json records the choice: the bf16 forward must run that kernel, in every block
+    # metrics/run/train.json records the choice: the bf16 forward must run that kernel, in every block
     calls, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     vit = build_backbone("dinov2_vits14").eval()
@@ -64,3 +64,9 @@ def test_the_chosen_kernel_is_the_one_that_runs(kernel, sdpa_calls, monkeypatch)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         vit(torch.randn(1, 3, 28, 42))
     assert len(calls) == sdpa_calls
+
+
+def test_auto_takes_sdpa_on_a_gpu_whatever_the_host_cpu():
+    for cpu in (INTEL_XEON_AMX, AMD_EPYC_ZEN4):
+        assert choose_attention("auto", cpu_flags(cpu), device_type="cuda") == ("sdpa", "auto: GPU")
+    assert choose_attention("matmul", cpu_flags(AMD_EPYC_ZEN4), device_type="cuda") == ("matmul", "model.attention")

@@ -1,6 +1,5 @@
 """The frozen backbone may compute several train batches' features in one forward (train.backbone_batch):
 the optimizer steps, their batches and the results stay those of one forward per batch."""
-import csv
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from offroad.runtime import Run
 from offroad.segmenter import build_model
 from offroad.training import Outputs, RunInputs, fit
-from tests.conftest import TINY, make_params
+from tests.conftest import TINY, make_params, history_rows
 
 
 def history(tmp_path, tiny_dataset, backbone_batch):
@@ -19,11 +18,10 @@ def history(tmp_path, tiny_dataset, backbone_batch):
     steps = []
     real_features = model.features
     model.features = lambda images: steps.append(len(images)) or real_features(images)
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
+    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
     fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), Run.from_params(params, torch.device("cpu")),
         out, log=lambda _: None)
-    with open(out.history) as f:
-        return list(csv.DictReader(f)), steps
+    return history_rows(out.live), steps
 
 
 def test_chunked_backbone_trains_like_one_forward_per_batch(tmp_path, tiny_dataset):

@@ -35,7 +35,7 @@ def test_tiny_data_is_byte_identical_without_simd(tmp_path):
     repo = copy_repo(tmp_path / "repo", {**TINY, "synthetic.width": 320, "synthetic.height": 180,
                                          "data.image_size": [168, 98]})
     native = stage_hashes(repo, {})
-    assert len(native) == 2 * (6 + 3) + 2 * 3  # the PNG pairs, then per split images, masks and split.json
+    assert len(native) == 2 * (6 + 3 + 4) + 3 * 3  # the PNG pairs, then per split images, masks and split.json
     assert stage_hashes(repo, disabled) == native
     for name, value in disabled.items():  # each library on its own
         assert stage_hashes(repo, {name: value}) == native, name

@@ -16,7 +16,7 @@ from offroad.data import SegmentationDataset
 from offroad.runtime import Run, init_distributed
 from offroad.segmenter import build_model
 from offroad.training import Outputs, RunInputs, augmented_loader, fit
-from tests.conftest import TINY, make_params
+from tests.conftest import TINY, make_params, history_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,11 +32,10 @@ def fit_tiny(tmp_path, tiny_dataset, dist=None, **overrides) -> tuple[list[dict]
     params = make_params({**TRAIN, **overrides})
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes).to(DEVICE)
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
+    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
     run = Run.from_params(params, DEVICE) if dist is None else Run.from_params(params, DEVICE, dist)
     fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), run, out, log=lambda _: None)
-    with open(out.history) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)], out
+    return [{k: float(v) for k, v in row.items()} for row in history_rows(out.live)], out
 
 
 def assert_close_histories(a: list[dict], b: list[dict], abs_tol: float) -> None:

@@ -1,7 +1,6 @@
 """Several training processes from `dvc repro`: with train.processes=2, 2 CPU processes (gloo) give the
 single-process history up to float noise; a worker killed mid-epoch stops the stage with an error naming its
 rank, leaves no process and no partial output, and `dvc repro` resumes; bad launch params are named errors."""
-import csv
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import yaml
 
 from offroad import launch
 from offroad.config import ParamsError, apply_overrides
-from tests.conftest import copy_repo, make_params
+from tests.conftest import copy_repo, make_params, train_summary, history_rows
 
 # 5 train images in batches of 2: the last global batch has 1 image, so rank 1's share of it is empty
 # (it must still join the gradient all-reduce); 3 val images split 2 + 1. Class-weighted CE with uneven
@@ -26,12 +25,11 @@ PARAMS = {"data.image_size": [112, 56], "synthetic.width": 224, "synthetic.heigh
           "synthetic.train": 5, "synthetic.val": 3, "train.epochs": 3, "train.batch_size": 2,
           "train.num_workers": 0, "train.device": "cpu", "train.amp": False, "train.early_stopping_patience": 0,
           "augment.enabled": True, "loss.class_weighted": True}
-OUTPUTS = ("models/best.pt", "models/final.pt", "metrics/train.json", "plots/train/history.csv")
+OUTPUTS = ("models/best.pt", "models/final.pt", "dvclive/metrics.json", "dvclive/plots/metrics/val/iou.tsv")
 
 
 def read_history(repo: Path) -> list[dict]:
-    with open(repo / "plots/train/history.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return history_rows(repo / "dvclive")
 
 
 def assert_same_history(a: list[dict], b: list[dict]) -> None:
@@ -80,7 +78,7 @@ def test_dvc_repro_with_two_processes_trains_like_one(prepared, tmp_path):
         assert "Running stage 'class_weights'" not in result.stdout
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
         assert lock["params"]["params.yaml"]["train.processes"] == n  # the launch is recorded with the run
-        runs[n] = (read_history(repo), json.loads((repo / "metrics/train.json").read_text()),
+        runs[n] = (read_history(repo), train_summary(repo),
                    torch.load(repo / "models/final.pt", weights_only=True)["head"])
     (single, single_summary, single_head), (ddp, ddp_summary, ddp_head) = runs[1], runs[2]
 
@@ -135,7 +133,7 @@ def test_a_killed_worker_stops_the_stage_and_dvc_repro_resumes(prepared, tmp_pat
     resumed = dvc(repo, "repro", "train")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resume: continuing after epoch {saved}" in resumed.stdout
-    summary = json.loads((repo / "metrics/train.json").read_text())
+    summary = train_summary(repo)
     assert (summary["resumed_from_epoch"], summary["epochs_run"], summary["world_size"]) == (saved, KILL_EPOCHS, 2)
     assert [r["epoch"] for r in read_history(repo)] == list(range(1, KILL_EPOCHS + 1))
 

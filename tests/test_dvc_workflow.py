@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +22,7 @@ from tests.conftest import (REPO, TINY, TINY_PIPELINE, copy_project, copy_repo, 
                             write_params)
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+CLASS_NAMES = load_params(REPO / "params.yaml").data.class_names
 STAGES = list(DVC_YAML["stages"])
 PHASE1_ARGS = REPO / "experiments/phase1.args"
 ABLATIONS = ("no-adamw", "no-augment")
@@ -92,7 +94,9 @@ def test_artifact_paths_are_stage_outputs_in_dvc_yaml():
     outs = {next(iter(o)) if isinstance(o, dict) else o for s in DVC_YAML["stages"].values() for o in s.get("outs", [])}
     paths = [*(v for v in vars(artifacts).values() if isinstance(v, Path)), *artifacts.CHECKPOINTS.values(),
              *artifacts.PER_IMAGE.values()]
-    assert len(paths) > 10 and {str(p) for p in paths} <= outs
+    assert len(paths) > 10
+    for path in map(str, paths):  # an output, or the folder of several (data/prepared/<split>)
+        assert path in outs or any(out.startswith(f"{path}/") for out in outs), path
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -126,8 +130,9 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-def history(text: str) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(text)))
+def series(text: str) -> list[dict[str, str]]:
+    """The rows of one of DVCLive's .tsv series (step, value)."""
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
 
 
 def reset(repo: Path) -> None:
@@ -159,13 +164,14 @@ def test_repro_runs_every_stage_once_in_order_then_nothing(dvc_repo):
     repo, output = dvc_repo
     assert ran(output) == STAGES
     scored = json.loads((repo / "metrics/evaluate.json").read_text())
-    for split in ("val", "test"):
-        evaluation = scored[split]
-        ious = [c["iou"] for c in evaluation["per_class"].values() if c["iou"] is not None]
-        assert evaluation["miou"] == pytest.approx(sum(ious) / len(ious), abs=1e-4)
-        assert evaluation["images"] == TINY[f"synthetic.{split}"]
-    assert scored["checkpoint"] == "models/best.pt"
-    assert len(history((repo / "plots/train/history.csv").read_text())) == TINY_RUN["train.epochs"]
+    for split in ("val", "test"):  # the scores, recomputed from the per-image confusions
+        names, cms = artifacts.read_per_image(CLASS_NAMES, repo / artifacts.PER_IMAGE[split])
+        tp, truth, predicted = (np.diagonal(cms.sum(0)), cms.sum((0, 2)), cms.sum((0, 1)))
+        present = truth > 0
+        iou = tp[present] / (truth + predicted - tp)[present]
+        assert scored[split]["miou"] == pytest.approx(iou.mean(), abs=1e-5)
+        assert scored[split]["images"] == len(names) == TINY[f"synthetic.{split}"]
+    assert len(series((repo / "dvclive/plots/metrics/val/iou.tsv").read_text())) == TINY_RUN["train.epochs"]
     assert json.loads(run_dvc(repo, "status", "--json").stdout) == {}
     again = run_dvc(repo, "repro").stdout
     assert ran(again) == [] and "Data and pipelines are up to date." in again
@@ -211,7 +217,7 @@ def test_exp_run_with_a_new_lr_reruns_only_train_evaluate_plot(dvc_repo):
         assert ran(output) == ["train", "evaluate", "plot"]
         assert all(f"Stage '{s}' didn't change, skipping" in output for s in ("synthesize", "prepare", "class_weights"))
         # The new lr was used: cosine from 2e-3 to min_lr over 2 epochs is at their mean after epoch 1.
-        first = history((repo / "plots/train/history.csv").read_text())[0]
+        first = series((repo / "dvclive/plots/metrics/lr.tsv").read_text())[0]
         assert float(first["lr"]) == pytest.approx((2.0e-3 + 1.0e-6) / 2, rel=1e-5)
     finally:
         reset(repo)
@@ -240,7 +246,7 @@ def test_queued_phase1_and_phase2_both_run(phases):
     assert re.search(r"phase1 .* Success", queue) and re.search(r"phase2 .* Success", queue)
     phase1 = validate(yaml.safe_load(exp_file(repo, "phase1", "params.yaml")), "phase1 params.yaml")
     assert phase1 == validate(with_overrides({**TINY_RUN, **read_overrides(PHASE1_ARGS)}), "expected")
-    rows = history(exp_file(repo, "phase1", "plots/train/history.csv"))
+    rows = series(exp_file(repo, "phase1", "dvclive/plots/metrics/lr.tsv"))
     assert len(rows) == 10 and {float(row["lr"]) for row in rows} == {1e-4}
 
 
@@ -360,3 +366,27 @@ def test_a_stage_refused_at_start_up_keeps_its_outputs_under_dvc_repro(reproduce
         assert result.returncode != 0
         assert "train.device is 'cuda' but no CUDA device is available" in result.stdout + result.stderr
         assert outputs(stage) == before
+
+
+def test_a_queued_run_shows_its_epochs_in_exp_show_while_it_trains(tmp_path):
+    """DVCLive logs each epoch as it ends: `dvc exp show` lists a queued experiment that is still running with
+    the epoch it reached and that epoch's val mIoU, before its results (epochs_run) exist."""
+    repo = copy_repo(tmp_path / "repo", {**TINY_RUN, "train.epochs": 25})
+    run_dvc(repo, "exp", "run", "--queue", "-n", "watched")
+    run_dvc(repo, "queue", "start")
+    seen = []  # (executor state, step, val iou, epochs_run) at each look
+    try:
+        while len(seen) < 600 and not (any(s[0] == "running" for s in seen) and seen[-1][0] != "running"):
+            shown = json.loads(run_dvc(repo, "exp", "show", "--json").stdout)
+            for exp in (e for baseline in shown for e in baseline.get("experiments") or []):
+                if exp.get("name") == "watched":
+                    live = ((exp["revs"][0]["data"].get("metrics") or {}).get("dvclive/metrics.json") or {})
+                    live = live.get("data") or {}
+                    seen.append(((exp.get("executor") or {}).get("state"), live.get("step"),
+                                 (live.get("val") or {}).get("iou"), live.get("epochs_run")))
+    finally:
+        run_dvc(repo, "queue", "kill", "watched", check=False)
+    mid_run = [s for s in seen if s[0] == "running" and s[1] and s[3] is None]
+    assert mid_run, f"never seen running with an epoch logged and no results yet: {seen[-5:]}"
+    assert 1 <= mid_run[-1][1] < 25 and 0 <= mid_run[-1][2] <= 1
+    assert seen[-1][1] == seen[-1][3] == 25  # finished: the last epoch, and its results

@@ -1,14 +1,14 @@
 """One evaluation definition: the evaluate stage scores the kept checkpoint exactly as training scored it on
 the val split that epoch, whatever evaluate.batch_size is, in fp32 and under bf16 autocast (whose CPU kernels
 round differently for different batch shapes: evaluation runs the backbone one image at a time)."""
-import csv
 import json
+from pathlib import Path
 import shutil
 
 import pytest
 
 from stages import class_weights, evaluate, train
-from tests.conftest import TINY, write_params
+from tests.conftest import TINY, write_params, history_rows
 
 PARAMS = {**TINY, "train.epochs": 2, "train.batch_size": 2, "train.device": "cpu", "evaluate.examples": 1}
 
@@ -20,8 +20,7 @@ def test_evaluate_json_equals_the_history_row_of_the_kept_epoch(tiny_dataset, tm
     write_params("params.yaml", {**PARAMS, "train.amp": amp})
     class_weights.main()
     train.main()
-    with open("plots/train/history.csv") as f:
-        history = {int(r["epoch"]): r for r in csv.DictReader(f)}
+    history = {r["epoch"]: r for r in history_rows(Path("dvclive"))}
     for checkpoint in ("best", "final"):
         for batch_size in (1, 3):
             write_params("params.yaml", {**PARAMS, "train.amp": amp, "train.checkpoint": checkpoint,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from offroad import artifacts
 from stages import class_weights
 from tests.conftest import REPO, TINY, write_params
 
@@ -22,9 +23,6 @@ EPOCHS = 8
 # Batches of one image: each epoch takes several optimizer steps, so kills land inside epochs.
 PARAMS = {**TINY, "train.epochs": EPOCHS, "train.batch_size": 1, "train.num_workers": 0, "train.device": "cpu",
           "model.head_channels": 16}
-# metrics/train.json fields that describe the process (time taken, work done since its start), not the result.
-RUN_FIELDS = {"train_seconds", "images_per_second", "resumed_from_epoch", "backbone_forwards",
-              "backbone_forwards_saved", "backbone_seconds_saved"}
 OUTPUTS = ("models", "plots", "metrics")
 
 
@@ -98,8 +96,7 @@ def test_killed_and_resumed_training_equals_an_uninterrupted_run(workdir, tmp_pa
     assert saved == sorted(saved) and 0 < saved[-1] < EPOCHS
 
     dead = dead_pid()  # what a kill in the middle of a write leaves behind
-    for orphan in (f"models/.last.pt.{dead}.tmp", f"plots/train/.history.csv.{dead}.tmp",
-                   f"metrics/.train.json.{dead}.tmp"):
+    for orphan in (f"models/.last.pt.{dead}.tmp", f"metrics/run/.train.json.{dead}.tmp"):
         (workdir / orphan).parent.mkdir(parents=True, exist_ok=True)
         (workdir / orphan).write_bytes(b"half")
     final = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, capture_output=True, text=True)
@@ -107,11 +104,12 @@ def test_killed_and_resumed_training_equals_an_uninterrupted_run(workdir, tmp_pa
     assert f"resume: continuing after epoch {saved[-1]}" in final.stdout
     assert uninterrupted_run.wait() == 0, uninterrupted_run.stderr.read()
 
-    assert (workdir / "plots/train/history.csv").read_text() == (reference / "plots/train/history.csv").read_text()
-    resumed, uninterrupted = (json.loads((w / "metrics/train.json").read_text()) for w in (workdir, reference))
-    assert resumed["resumed_from_epoch"] == saved[-1] and uninterrupted["resumed_from_epoch"] == 0
-    assert {k: v for k, v in resumed.items() if k not in RUN_FIELDS} == \
-        {k: v for k, v in uninterrupted.items() if k not in RUN_FIELDS}
+    for series in artifacts.HISTORY_FILES:  # DVCLive's log: the resumed run's is the uninterrupted run's
+        assert (workdir / series).read_text() == (reference / series).read_text(), series
+    resumed, uninterrupted = (json.loads((w / artifacts.TRAIN_METRICS).read_text()) for w in (workdir, reference))
+    assert resumed == uninterrupted  # the results; how each run ran is in metrics/run/train.json
+    ran = [json.loads((w / "metrics/run/train.json").read_text()) for w in (workdir, reference)]
+    assert ran[0]["resumed_from_epoch"] == saved[-1] and ran[1]["resumed_from_epoch"] == 0
     assert uninterrupted["epochs_run"] == EPOCHS
     for name in ("best.pt", "final.pt"):
         a, b = (torch.load(w / "models" / name, weights_only=True) for w in (workdir, reference))

@@ -2,7 +2,6 @@
 data."""
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
@@ -12,7 +11,7 @@ from offroad.config import load_params, read_overrides, validate
 from offroad.runtime import Run
 from offroad.segmenter import build_model, load_segmenter
 from offroad.training import Outputs, RunInputs, fit
-from tests.conftest import REPO, TINY, with_overrides
+from tests.conftest import REPO, TINY, with_overrides, history_rows
 
 ARGS = {"phase3": REPO / "experiments/phase3.args", "phase2_multiscale": REPO / "experiments/phase2_multiscale.args"}
 RECIPES = {
@@ -39,12 +38,11 @@ def test_phase3_trains_and_evaluates_on_tiny_data(tiny_dataset, tmp_path):
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes)
     assert model.backbone.embed_dim == 768 and model.backbone.num_registers == 4 and model.layers == 4
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
+    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
     run = Run.from_params(params, torch.device("cpu"))
     weights = torch.linspace(0.5, 2.0, params.data.num_classes)
     fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val, weights), run, out, log=lambda _: None)
-    with open(out.history) as f:
-        (row,) = list(csv.DictReader(f))
+    (row,) = history_rows(out.live)
     assert all(math.isfinite(float(v)) for v in row.values())
     segmenter, ckpt = load_segmenter(out.best, params.model, params.data.class_names, "cpu")
     assert ckpt["params"]["loss"]["name"] == "focal_dice" and ckpt["backbone"] == "dinov2_vitb14_reg"

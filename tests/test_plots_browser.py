@@ -23,7 +23,7 @@ TEMPLATE = TEMPLATE_DIR / "offline.html"
 PLOTS = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
 # Div ids dvc-render gives the vega plots of dvc.yaml (named entries; a plain path entry is a folder of images).
 VEGA_IDS = {Renderer.remove_special_chars(name) for entry in PLOTS if isinstance(entry, dict) for name in entry}
-FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "dvc_templates", "plots/train/history.csv",
+FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "dvc_templates", "dvclive/plots",
          "plots/evaluate/per_class.csv", "plots/images"]
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -52,6 +52,11 @@ RECORDER = """<script>
     add("console.error", Array.prototype.map.call(arguments, String).join(" "));
     return consoleError.apply(console, arguments);
   };
+  window.addEventListener("load", function () {  // how far right the figures reach, against the window
+    var right = 0;
+    document.querySelectorAll("img").forEach(function (i) { right = Math.max(right, i.getBoundingClientRect().right); });
+    root.setAttribute("data-image-reach", right + " " + window.innerWidth);
+  });
 })();
 </script>"""
 
@@ -61,13 +66,14 @@ class PageDom(HTMLParser):
 
     def __init__(self, ids: set[str]):
         super().__init__()
-        self.ids, self.errors, self.inside = ids, None, {}
+        self.ids, self.errors, self.inside, self.image_reach = ids, None, {}, None
         self.open: list[tuple[str, int]] = []  # (id, div depth) of tracked divs being read
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "html":
             self.errors = attrs.get("data-page-errors")
+            self.image_reach = attrs.get("data-image-reach")
         for div_id, _ in self.open:
             self.inside[div_id].append((tag, attrs))
         if tag == "div":
@@ -130,9 +136,9 @@ def test_offline_template_inlines_the_versions_dvc_render_loads_from_its_cdn():
 def test_plots_page_draws_every_vega_plot_offline_without_errors(command, tmp_path):
     repo = copy_plot_data(tmp_path / "repo")
     if command[0] == "diff":  # a workspace that differs from HEAD: half the epochs
-        history = repo / "plots/train/history.csv"
-        lines = history.read_text().splitlines(keepends=True)
-        history.write_text("".join(lines[: 1 + (len(lines) - 1) // 2]))
+        for history in (repo / "dvclive/plots").rglob("*.tsv"):
+            lines = history.read_text().splitlines(keepends=True)
+            history.write_text("".join(lines[: 1 + (len(lines) - 1) // 2]))
     run_dvc(repo, "plots", *command, "-o", str(tmp_path / "out"))
     page = tmp_path / "out/index.html"
     html = page.read_text(encoding="utf8")
@@ -150,4 +156,6 @@ def test_plots_page_draws_every_vega_plot_offline_without_errors(command, tmp_pa
                   and "marks" in (a.get("class") or "").split()]
         assert charts, f"plot {div_id!r} drew no chart"
         assert all(float(a.get("width", "0")) > 0 and float(a.get("height", "0")) > 0 for a in charts), charts
+    right, width = map(float, dom.image_reach.split())
+    assert 0 < right <= width, f"the figures reach {right} px in a {width} px window"  # side by side in a diff
     assert (tmp_path / "screenshot.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")  # to look at when it fails

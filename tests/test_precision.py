@@ -1,5 +1,4 @@
 """Mixed precision: bf16 autocast, or fp16 autocast with a grad scaler (pre-Ampere GPUs), on the CPU here."""
-import csv
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 from offroad.runtime import Run, choose_precision, cpu_flags, cpu_runs_bf16
 from offroad.segmenter import build_model, place
 from offroad.training import Outputs, RunInputs, fit
-from tests.conftest import TINY, make_params
+from tests.conftest import TINY, make_params, history_rows
 
 TRAIN = {**TINY, "train.epochs": 2, "train.batch_size": 3, "train.device": "cpu", "augment.enabled": False,
          "loss.class_weighted": False, "optimizer.lr": 2e-3}
@@ -17,7 +16,7 @@ def train(tmp_path, **overrides):
     params = make_params({**TRAIN, **overrides})
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes)
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
+    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
     return params, model, out
 
 
@@ -37,8 +36,7 @@ def test_fp16_training_scales_the_loss_and_tracks_fp32(tmp_path, tiny_dataset):
         params, model, out = train(tmp_path / name, **overrides)
         fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), Run.from_params(params, torch.device("cpu")),
             out, log=lambda _: None)
-        with open(out.history) as f:
-            rows[name] = list(csv.DictReader(f))
+        rows[name] = history_rows(out.live)
         state = torch.load(out.last, weights_only=True)
         if name == "fp16":
             assert state["scaler"]["scale"] > 1  # the loss was scaled up before backward

@@ -29,7 +29,6 @@ import torch
 import yaml
 
 from offroad import atomic
-from offroad.artifacts import HISTORY_COLUMNS
 from offroad.evaluation import Evaluation
 from offroad.losses import build_loss
 from offroad.runtime import Run
@@ -392,17 +391,19 @@ CATALOGUE = {
     "checkpoint: head weights tampered": ("evaluate", tampered_head,
                                           ["models/best.pt: head weights do not fit (Error(s) in loading"]),
     # evaluation tables, through plot
-    "history: missing columns": ("plot", rewrite("plots/train/history.csv", b"epoch\n1\n"),
-                                 ["plots/train/history.csv: bad column or value ('train_loss')"]),
-    "history: no epochs": ("plot", rewrite("plots/train/history.csv", b",".join(
-        c.encode() for c in HISTORY_COLUMNS) + b"\n"), ["plots/train/history.csv: no epochs"]),
+    "history: missing columns": ("plot", rewrite("dvclive/plots/metrics/train/loss.tsv", b"step\n1\n"),
+                                 ["dvclive/plots/metrics: bad column or value ('loss') in DVCLive's series"]),
+    "history: no epochs": ("plot", rewrite("dvclive/plots/metrics/train/loss.tsv", b"step\tloss\n"),
+                           ["dvclive/plots/metrics: no epochs"]),
+    "history: an interrupted log": ("plot", rewrite("dvclive/plots/metrics/lr.tsv", b"step\tlr\n1\t0.0005\n"),
+                                    ["dvclive/plots/metrics: the series cover different epochs"]),
     "confusion: not square": ("plot", rewrite("plots/evaluate/confusion.csv", b"truth/prediction,a\nb,1,2\n"),
                               ["plots/evaluate/confusion.csv: not found, or not a square matrix"]),
     "per-class table: missing columns": ("plot", rewrite("plots/evaluate/per_class.csv", b"class,iou\nSky,0.5\n"),
                                          ["plots/evaluate/per_class.csv: missing columns ['dice'"]),
     # outputs that could not be written: refused at start-up, before any work
     "outputs: metrics is a file": ("train", folder_replaced_by_file("metrics"),
-                                   ["metrics/train.json: cannot write (metrics is not a folder)"]),
+                                   ["metrics/run/train.json: cannot write (metrics is not a folder)"]),
     "outputs: plots/images is below a file": ("plot", folder_replaced_by_file("plots"),
                                               ["plots/images: cannot write (plots is not a folder)"]),
 }
@@ -563,8 +564,10 @@ def test_two_dvc_repro_runs_give_identical_outputs(built, tmp_path):
     assert first.keys() == second.keys()
     assert len([k for k in first if k.startswith("plots/images/")]) == 6
     # how long training took is the one thing that differs, and it is kept apart from the metrics
-    speed = [json.loads(s.pop("metrics/speed/train.json")) for s in (first, second)]
-    assert speed[0].keys() == speed[1].keys() == {"train_seconds", "images_per_second", "backbone_seconds_saved"}
+    ran = [json.loads(s.pop("metrics/run/train.json")) for s in (first, second)]
+    timings = {"train_seconds", "images_per_second", "backbone_seconds_saved"}
+    assert ran[0].keys() == ran[1].keys() >= timings
+    assert {k: v for k, v in ran[0].items() if k not in timings} == {k: v for k, v in ran[1].items() if k not in timings}
     different = sorted(k for k in first if first[k] != second[k])
     assert different == []  # data, class weights, checkpoints, metrics, history, evaluation, PNGs
 
@@ -660,8 +663,9 @@ def test_ctrl_c_in_train_keeps_the_completed_epochs_and_a_rerun_resumes(repo):
     assert lines[-1] == ("interrupted by SIGINT: the state after the last completed epoch (if any) is kept in "
                          "models/last.pt; `dvc repro` resumes\n")
     after = snapshot(repo)
-    assert {k: v for k, v in after.items() if k not in ("models/last.pt", "plots/train/history.csv")} == \
-        {k: v for k, v in before.items() if k not in ("models/last.pt", "plots/train/history.csv")}
+    kept = lambda files: {k: v for k, v in files.items()  # noqa: E731 (DVCLive's log shows the run that was stopped)
+                          if k != "models/last.pt" and not k.startswith("dvclive/")}
+    assert kept(after) == kept(before)
     saved = torch.load(repo / "models/last.pt", weights_only=True)["epoch"]
     assert 1 <= saved < 6 and temporaries(repo) == []
     rerun = run_stage(repo, "train")
@@ -678,8 +682,8 @@ def without_root_privileges() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-@pytest.mark.parametrize("folder, output", [("models", "models/best.pt"), ("metrics", "metrics/train.json"),
-                                            ("plots/train", "plots/train/history.csv")])
+@pytest.mark.parametrize("folder, output", [("models", "models/best.pt"), ("metrics/run", "metrics/run/train.json"),
+                                            ("dvclive", "dvclive/metrics.json")])
 def test_a_read_only_output_folder_is_refused_before_the_first_epoch(repo, folder, output):
     os.chmod(repo / folder, 0o555)
     try:
@@ -715,7 +719,7 @@ def test_a_batch_without_labelled_pixels_is_skipped_not_called_divergence(repo):
     write_params(repo / "params.yaml", {**PIPELINE, "train.batch_size": 1})
     result = run_stage(repo, "train")
     assert result.returncode == 0, result.stderr
-    history = (repo / "plots/train/history.csv").read_text().splitlines()
+    history = (repo / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert len(history) == 3 and "nan" not in "".join(history)
 
 

@@ -119,12 +119,20 @@ def rerun(reproduced_project, tmp_path_factory) -> tuple[Path, str]:
 def test_a_rerun_with_nothing_changed_leaves_metrics_diff_quiet(rerun):
     repo, diff = rerun
     assert diff == ""
-    # the speed figures are kept, in a file the default diff leaves out; --targets compares them
-    speed = json.loads(run_dvc(repo, "metrics", "diff", "--targets", "metrics/speed/train.json", "--all",
-                               "--json").stdout)["metrics/speed/train.json"]
-    assert set(speed) == {"train_seconds", "images_per_second", "backbone_seconds_saved"}
-    assert speed["train_seconds"]["new"] == json.loads((repo / "metrics/speed/train.json").read_text())["train_seconds"]
-    assert "train_seconds" not in json.loads((repo / "metrics/train.json").read_text())
+    # how the run ran (timings, device) is kept, in a file the default diff leaves out; --targets compares it
+    speed = json.loads(run_dvc(repo, "metrics", "diff", "--targets", "metrics/run/train.json", "--all",
+                               "--json").stdout)["metrics/run/train.json"]
+    assert {"train_seconds", "images_per_second", "backbone_seconds_saved", "world_size"} <= set(speed)
+    assert speed["train_seconds"]["new"] == json.loads((repo / "metrics/run/train.json").read_text())["train_seconds"]
+    shown = json.loads(run_dvc(repo, "metrics", "show", "--json").stdout)
+    values = [v for f in shown.values() for m in f["data"].values() for v in _leaves(m.get("data", {}))]
+    assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)  # numbers only
+    assert "train_seconds" not in json.loads((repo / "dvclive/metrics.json").read_text())
+
+
+def _leaves(tree):
+    for value in tree.values():
+        yield from _leaves(value) if isinstance(value, dict) else [value]
 
 
 def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):

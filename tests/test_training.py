@@ -1,5 +1,4 @@
 """The train loop on tiny real-format data: recipes, schedules, early stopping, checkpoints, resume."""
-import csv
 import math
 
 import numpy as np
@@ -17,7 +16,7 @@ from offroad.runtime import Dist, Run
 from offroad.segmenter import build_model
 from offroad.training import (Outputs, RunInputs, State, TrainingError, epoch_batches, fingerprint, fit, lr_at,
                                record_epoch)
-from tests.conftest import TINY, make_params
+from tests.conftest import TINY, make_params, history_rows
 
 TRAIN = {"train.epochs": 3, "train.batch_size": 4, "train.num_workers": 0, "train.device": "cpu"}
 
@@ -35,12 +34,11 @@ def run(tmp_path, splits, params, loss_fn=None, log=None):
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes)
     weights = torch.linspace(0.5, 2.0, params.data.num_classes) if params.loss.class_weighted else None
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "history.csv")
+    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
     run_ = Run.from_params(params, torch.device("cpu"))
     with mock.patch("offroad.training.build_loss", side_effect=(lambda *_: loss_fn) if loss_fn else build_loss):
         summary = fit(model, params, RunInputs(*splits, weights), run_, out, log=log or (lambda _: None))
-    with open(out.history) as f:
-        rows = list(csv.DictReader(f))
+    rows = history_rows(out.live)
     return summary, rows, vars(out)
 
 
@@ -194,7 +192,7 @@ def test_augmentation_keeps_masks_aligned_with_images():
 
 # --- selection and bookkeeping against independent numbers ---------------------------------------------------
 # One step per epoch (batch 8 > 6 train images), fp32, no augmentation: the train statistics of epoch e are
-# those of the head after epoch e - 1 on all train images, so everything in history.csv can be recomputed
+# those of the head after epoch e - 1 on all train images, so everything in the logged history can be recomputed
 # here with plain torch + numpy from the heads the loop held.
 RECORDED = {"train.epochs": 8, "train.batch_size": 8, "optimizer.lr": 1e-2, "scheduler.min_lr": 1e-3,
             "augment.enabled": False, "train.amp": False, "train.early_stopping_patience": 1}
