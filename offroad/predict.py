@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from offroad import artifacts, atomic
+from offroad import artifacts, atomic, guard
 from offroad.config import Data, load_params
 from offroad.data import class_lut, map_mask, resize_area, resize_labels
 from offroad.errors import PipelineError, run_cli
@@ -50,13 +50,19 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def check_out(out: Path, inputs: list[Path]) -> None:
-    """The output folders must not be an input folder (their PNGs would be overwritten), and must be writable."""
-    for sub in (out / "masks", out / "overlays"):
+def check_out(out: Path, inputs: list[Path], force: bool = False) -> None:
+    """The output folders must not be an input folder (their PNGs would be overwritten) nor, without --force,
+    inside the pipeline's files or files git tracks (offroad.guard), and must be writable."""
+    targets = (out / "masks", out / "overlays", out / "metrics.json")
+    for sub in targets[:2]:
         clash = [p for p in inputs if p.resolve() == sub.resolve()]
         if clash:
             raise PredictError(f"--out {out}: {sub} is the input folder {clash[0]}; its files would be overwritten")
-    atomic.check_writable(out / "masks", out / "overlays", out / "metrics.json")
+    for target in targets:
+        reason = guard.reason(target)
+        if reason and not force:
+            raise PredictError(f"--out {out}: would write {target} ({reason}); choose another folder, or add --force")
+    atomic.check_writable(*targets)
 
 
 def mask_paths(images: list[Path], masks_dir: Path) -> list[Path]:
@@ -98,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="the params file whose data and model sections the checkpoint was trained with "
                              "(default params.yaml)")
+    parser.add_argument("--force", action="store_true",
+                        help="allow --out inside a pipeline folder or over files git tracks")
     return parser.parse_args(argv)
 
 
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     sibling = args.images.parent / MASKS
     masks_dir = args.masks or (sibling if sibling.is_dir() else None)
     masks = mask_paths(images, masks_dir) if masks_dir else None
-    check_out(args.out, [args.images, *([masks_dir] if masks_dir else [])])
+    check_out(args.out, [args.images, *([masks_dir] if masks_dir else [])], args.force)
     device = resolve_device(params.train.device)
     checkpoint = args.checkpoint or artifacts.CHECKPOINTS[params.train.checkpoint]
     run = Run.from_params(params, device)

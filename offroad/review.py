@@ -15,15 +15,13 @@ import argparse
 import json
 import math
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from offroad import artifacts, atomic, bootstrap, evidence
+from offroad import artifacts, atomic, bootstrap, evidence, guard
 from offroad.artifacts import HEADLINE
 from offroad.errors import PipelineError, run_cli
 from offroad.metrics import SCORES, dataset_scores
@@ -354,31 +352,6 @@ def verdicts(text: str) -> list[str]:
     return re.findall(r"\| \*\*(better|worse|within noise)\*\* \|", text)
 
 
-def pipeline_paths(dvc_yaml: Path = Path("dvc.yaml")) -> set[Path]:
-    """The files and folders the pipeline reads or writes: dvc.yaml's deps, outs, metrics and plots, the
-    params, dvc.yaml and dvc.lock."""
-    paths = {Path("params.yaml"), dvc_yaml, dvc_yaml.with_suffix(".lock")}
-    try:
-        spec = yaml.safe_load(dvc_yaml.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return paths
-    names = list(spec.get("metrics", []))
-    for plot in spec.get("plots", []):  # a path, or {title: {y: {path: columns}}}
-        names += [y for cfg in plot.values() for y in cfg.get("y", {})] if isinstance(plot, dict) else [plot]
-    for stage in (spec.get("stages") or {}).values():
-        for entry in [*stage.get("deps", []), *stage.get("outs", [])]:
-            names.append(next(iter(entry)) if isinstance(entry, dict) else entry)
-    return paths | {Path(n) for n in names if isinstance(n, str) and "${" not in n}  # templated ones: outs too
-
-
-def _tracked(path: Path) -> bool:
-    try:
-        found = subprocess.run(["git", "ls-files", "--error-unmatch", "--", str(path)], capture_output=True)
-    except OSError:  # no git
-        return False
-    return found.returncode == 0
-
-
 def check_report_out(out: Path | None, force: bool, figures: bool = True) -> None:
     """A report is never written over a folder, nor, without --force, over a pipeline file or one git tracks
     (nor its figures folder, OUT_figures/, over either)."""
@@ -387,12 +360,8 @@ def check_report_out(out: Path | None, force: bool, figures: bool = True) -> Non
     if out.is_dir():
         raise ReviewError(f"--out {out} is a folder; give a file name such as {out / 'report.md'}")
     targets = [out, out.parent / f"{out.stem}_figures"] if figures else [out]
-    protected = {p.resolve() for p in pipeline_paths()}
     for target in targets:
-        resolved = target.resolve()
-        pipeline = any(resolved == p or p in resolved.parents for p in protected)
-        reason = "the pipeline reads or writes it" if pipeline else \
-            "git tracks it" if target.exists() and _tracked(target) else None
+        reason = guard.reason(target)
         if reason and not force:
             raise ReviewError(f"--out {out}: would overwrite {target} ({reason}); choose another file, or add --force")
 

@@ -20,7 +20,7 @@ from offroad.errors import PipelineError
 from offroad.segmenter import build_model, head_checkpoint
 from offroad.config import load_params
 from offroad.visualize import IGNORE_COLOR, PALETTE, colorize, overlay, palette
-from tests.conftest import TINY, write_params, history_rows, write_history
+from tests.conftest import REPO, TINY, history_rows, write_history, write_params
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ["Background", "Trees", "Lush Bushes", "Dry Grass", "Dry Bushes", "Ground Clutter", "Logs", "Rocks",
          "Landscape", "Sky"]
@@ -410,6 +410,20 @@ def test_evaluate_and_plot_replace_their_outputs_all_or_none(trained, monkeypatc
     assert outputs(root, "metrics", "plots") == before
     evaluate.main()  # then a run that succeeds replaces the whole set
     assert json.loads((root / artifacts.EVAL_METRICS).read_text())["epoch"] == 3  # final.pt's
+
+
+def test_predict_never_writes_into_pipeline_folders_unless_forced(trained, tiny_dataset):
+    root, _, _ = trained
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")  # what the pipeline reads and writes
+    images = root / "scenes"
+    shutil.copytree(tiny_dataset.root / "val/Color_Images", images)
+    for out in ("plots/images", "dvclive", "data/prepared/test"):
+        with pytest.raises(PipelineError, match=rf"--out {out}: would write {out}/masks \(the pipeline reads or "
+                                                rf"writes it\); choose another folder, or add --force"):
+            predict.main(["--images", str(images), "--out", out])
+        assert not (root / out / "masks").exists()
+    predict.main(["--images", str(images), "--out", "plots/images", "--force"])
+    assert len(list((root / "plots/images/masks").iterdir())) == len(list(images.iterdir()))
 
 
 def test_predict_stopped_by_a_bad_image_keeps_the_previous_run_whole(trained, tiny_dataset):
