@@ -355,8 +355,8 @@ def test_a_stage_refused_at_start_up_keeps_its_outputs_under_dvc_repro(reproduce
 
     def outputs(stage: str) -> dict[str, bytes]:
         paths = [Path(next(iter(o))) if isinstance(o, dict) else Path(o) for o in stages[stage]["outs"]]
-        files = [f for p in paths for f in ([p] if (repo / p).is_file() else sorted((repo / p).rglob("*")))]
-        return {str(f): (repo / f).read_bytes() for f in files}
+        files = [f for p in paths for f in ([repo / p] if (repo / p).is_file() else sorted((repo / p).rglob("*")))]
+        return {str(f.relative_to(repo)): f.read_bytes() for f in files if f.is_file()}
 
     write_params(repo / "params.yaml", {**TINY_PIPELINE, "train.device": "cuda"})
     for stage in ("train", "evaluate"):
