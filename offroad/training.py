@@ -443,9 +443,13 @@ def save_models(model: Segmenter, params: Params, state: State, out: Outputs) ->
 def open_log(folder: Path, history: list[dict]):
     """DVCLive's log in `folder`, started afresh and filled with the epochs `history` already holds, so a
     resumed run continues the same log."""
+    import sqlite3  # noqa: PLC0415
     from dvclive import Live  # noqa: PLC0415 (imports dvc, slow: only the process that writes outputs needs it)
 
-    live = Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+    try:
+        live = Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+    except sqlite3.Error as e:  # DVC's state database, e.g. on a full disk
+        raise TrainingError(f"{folder}: cannot start DVCLive's log (DVC's state database: {e})") from None
     for row in history:
         log_epoch(live, row)
     return live
