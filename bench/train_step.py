@@ -71,7 +71,7 @@ def epoch_rate(params: Params, train: PreparedSplit, val: PreparedSplit, device:
     weights = torch.ones(K) if params.loss.class_weighted else None
     stamps = [(time.perf_counter(), 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Outputs(*(Path(tmp) / f"{k}.pt" for k in ("best", "final", "last")), Path(tmp) / "dvclive")
+        out = Outputs.inside(Path(tmp))
         fit(model, params, RunInputs(train, val, weights), run, out,
             log=lambda _: stamps.append((time.perf_counter(), backbone[0])))
     (t1, b1), (t2, b2) = stamps[1], stamps[-1]

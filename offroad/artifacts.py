@@ -200,10 +200,10 @@ def _read_json(path: Path) -> Any:
 RESULT_FIELDS = ("best_epoch", "best_val_iou", "epochs_run")  # numbers a rerun reproduces: `dvc metrics diff`
 
 
-def write_run_facts(summary: dict) -> None:
-    """What describes how the run ran, not its result (device, precision, timings, work saved), to TRAIN_RUN,
-    outside `dvc metrics diff`; the results go to DVCLive's summary (offroad.training.close_log)."""
-    write_json(TRAIN_RUN, {k: v for k, v in summary.items() if k not in RESULT_FIELDS})
+def write_run_facts(path: Path, summary: dict) -> None:
+    """What describes how the run ran, not its result (device, precision, timings, work saved), to `path`
+    (TRAIN_RUN, outside `dvc metrics diff`); the results go to DVCLive's summary (offroad.training.close_log)."""
+    write_json(path, {k: v for k, v in summary.items() if k not in RESULT_FIELDS})
 
 
 # --- training history: DVCLive's dvclive/plots/metrics/<series>.tsv ----------------------------------------

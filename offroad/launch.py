@@ -11,13 +11,18 @@ NCCL connect over `lo`. Several nodes need the TCP store at the endpoint: see RE
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
-import contextlib
+import re
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import uuid
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -28,6 +33,7 @@ from offroad.runtime import INIT_FILE, launched
 
 RDZV_ENDPOINT = "OFFROAD_RDZV_ENDPOINT"  # host:port of the c10d rendezvous, the same on every node
 RDZV_ID = "OFFROAD_RDZV_ID"  # optional: tells apart several multi-node jobs sharing one endpoint
+RDZV_TIMEOUT = "OFFROAD_RDZV_TIMEOUT"  # optional: seconds a node waits for the rendezvous store to answer
 LAUNCHER_PID = "OFFROAD_LAUNCHER_PID"  # set for the workers: they die with the launcher
 
 
@@ -55,6 +61,18 @@ def check(cfg: Train, device: torch.device) -> None:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise LaunchError(f"train.nodes is {cfg.nodes}: set {RDZV_ENDPOINT}=HOST:PORT (the same on every node, "
                               f"HOST one of the nodes), got {endpoint!r}")
+        store_timeout()
+
+
+def store_timeout() -> float:
+    value = os.environ.get(RDZV_TIMEOUT, "60")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 3600:
+        raise LaunchError(f"{RDZV_TIMEOUT}={value!r}: give the seconds to wait for the rendezvous store, 1 to 3600")
+    return seconds
 
 
 def launch(cfg: Train, device: torch.device, module: str, log=print) -> None:
@@ -72,6 +90,8 @@ def launch(cfg: Train, device: torch.device, module: str, log=print) -> None:
         where = f"c10d at {endpoint}" if cfg.nodes > 1 else "in a private folder, loopback only"
         log(f"train: launching {cfg.processes} process(es) on this node, {cfg.nodes} node(s), world {world}, "
             f"{'nccl' if device.type == 'cuda' else 'gloo'}, rendezvous {where}")
+        if cfg.nodes > 1:
+            check_store(endpoint, store_timeout())
         run_workers(config, module, endpoint, cfg.nodes, world)
 
 
@@ -96,6 +116,45 @@ def rendezvous(cfg: Train, folder: str) -> Iterator[tuple[str, dict]]:
                 del os.environ[k]
             else:
                 os.environ[k] = v
+
+
+def check_store(endpoint: str, seconds: float) -> None:
+    """Unless this node hosts it, the rendezvous store at `endpoint` answers within `seconds`, or one LaunchError
+    line. Asked from a child process: torch's client waits forever on a port whose listener never answers, and
+    logs C++ frames while it retries."""
+    host, _, port = endpoint.rpartition(":")
+    if hosts_here(host, int(port)):
+        return
+    ask = [sys.executable, "-c", "import sys; from offroad import launch; launch.connect_store(*sys.argv[1:])",
+           host, port, str(seconds), str(os.getpid())]
+    try:
+        done = subprocess.run(ask, capture_output=True, text=True, timeout=2 * seconds + 15)  # a retry, the import
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"rendezvous at {endpoint}: something accepts connections there but has not answered as "
+                          f"torch's store in {seconds:g} s; is another program using port {port}? Choose a free "
+                          f"port for {RDZV_ENDPOINT} (the same on every node)") from None
+    if done.returncode != 0:
+        errors = [m.group(1).rstrip(".") for m in re.finditer(r"^[\w.]+(?:Error|Exception): (.+)$", done.stderr, re.M)]
+        raise LaunchError(f"rendezvous at {endpoint}: no store answered in {seconds:g} s "
+                          f"({errors[-1] if errors else 'exit status ' + str(done.returncode)}); start the node "
+                          f"{host} names, check that this node reaches it, or wait longer with {RDZV_TIMEOUT}")
+
+
+def connect_store(host: str, port: str, seconds: str, parent: str) -> None:
+    die_with_parent(int(parent))
+    torch.distributed.TCPStore(host, int(port), is_master=False, multi_tenant=True,
+                               timeout=timedelta(seconds=float(seconds)))
+
+
+def hosts_here(host: str, port: int) -> bool:
+    """Whether this node will host the store: `host` is one of its addresses and nothing holds the port."""
+    try:
+        with socket.create_server((host, port)):
+            return True
+    except OSError as e:
+        if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) and not isinstance(e, socket.gaierror):
+            raise LaunchError(f"rendezvous at {host}:{port}: {e.strerror or e}") from None
+        return False
 
 
 def run_workers(config, module: str, endpoint: str, nodes: int, world: int) -> None:

@@ -127,7 +127,7 @@ def read_side(rev: str, source: tuple | None = None, figures: bool = True) -> Si
     if per_image is not None:
         check_one_evaluation(rev, evaluation.get(HEADLINE, {}), per_image[1])
     metrics = {k: v for k, v in flatten({**train, **evaluation}).items() if ".per_class." not in k}
-    fs_figures = {p: read(Path(p), "rb") for p in figure_paths(rev)} if figures else {}
+    fs_figures = {p: read(Path(p), "rb") for p in figure_paths()} if figures else {}
     return Side(rev, flatten(params), metrics, evaluation.get(HEADLINE, {}).get("per_class", {}), per_image,
                 {p: data for p, data in fs_figures.items() if data is not None})
 
@@ -172,7 +172,7 @@ def _json(text: str | None, where: str) -> dict:
     return found
 
 
-def figure_paths(rev: str) -> list[str]:
+def figure_paths() -> list[str]:
     """The plot stage's PNGs (those a revision lacks are left out when read)."""
     return [(artifacts.FIGURES / name).as_posix() for name in artifacts.FIGURE_NAMES]
 

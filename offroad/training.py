@@ -32,7 +32,7 @@ from offroad.data import SegmentationDataset
 from offroad.errors import PipelineError, check_interrupt, warn
 from offroad.evaluation import Evaluation, Scoring, eval_features, evaluate
 from offroad.losses import PixelLoss, build_loss
-from offroad.runtime import Dist, Run, synchronize
+from offroad.runtime import Dist, Run, choose_attention, synchronize
 from offroad.segmenter import Segmenter, head_checkpoint, predicted_labels
 
 
@@ -46,6 +46,12 @@ class Outputs:
     final: Path = artifacts.CHECKPOINTS["final"]
     last: Path = artifacts.LAST  # resume state
     live: Path = artifacts.LIVE  # DVCLive's log: per-epoch history and the run's results
+    facts: Path = artifacts.TRAIN_RUN  # how the run ran
+
+    @classmethod
+    def inside(cls, folder: Path) -> "Outputs":
+        """Every output in `folder` (a run outside the pipeline's files)."""
+        return cls(*(folder / f"{k}.pt" for k in ("best", "final", "last")), folder / "dvclive", folder / "run.json")
 
 
 @dataclass(frozen=True)
@@ -336,8 +342,9 @@ def train_epoch(t: Trainer, inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
 
 def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outputs = Outputs(),
         log: Callable[[str], None] = print) -> dict:
-    """Train model.head, writing out.best, out.final, out.last and DVCLive's log in out.live (each epoch's
-    history as it ends, the results at the end). Returns the run's summary."""
+    """Train model.head, writing out.last and DVCLive's log in out.live as each epoch ends; at the end
+    out.best, out.final, out.last and out.facts as one set, then the results into the log. Returns the run's
+    summary."""
     cfg, dist = params.train, run.dist
     fp = fingerprint(params, inputs)
     others = [rank for rank, theirs in enumerate(dist.gather(fp)) if theirs != fp]
@@ -376,13 +383,14 @@ def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outp
 
     seconds = time.perf_counter() - started
     state.complete = True
-    if dist.writes_outputs:
-        save_models(model, params, state, out)
     local = [val_cache.computed + feed.forwards, val_cache.computed, val_cache.seconds]
     work = BackboneWork(*dist.sum(torch.tensor(local, dtype=torch.float64, device=run.device)).tolist(),
                         len(inputs.train), len(inputs.val))
     summary = run_summary(state, cfg.epochs, start_epoch, seconds, work)
     if dist.writes_outputs:
+        with atomic.together():  # all of this run's or, if a write fails, all of the previous one's
+            save_models(model, params, state, out)
+            artifacts.write_run_facts(out.facts, {**summary, **run_facts(params, run)})
         close_log(live, state, summary)
     return summary
 
@@ -438,6 +446,13 @@ def save_models(model: Segmenter, params: Params, state: State, out: Outputs) ->
     atomic.save_torch(out.final, final)
     atomic.save_torch(out.best, best)
     atomic.save_torch(out.last, vars(state))
+
+
+def run_facts(params: Params, run: Run) -> dict:
+    """Where and how the run ran, besides its timings."""
+    return {"device": run.device.type, "world_size": run.dist.world, "precision": run.precision,
+            "attention": "{} ({})".format(*choose_attention(params.model.attention, device_type=run.device.type)),
+            "backbone": params.model.backbone, "backbone_weights": params.model.weights}
 
 
 def open_log(folder: Path, history: list[dict]):

@@ -13,7 +13,7 @@ from offroad import artifacts, atomic, launch
 from offroad.codebase import source_digest
 from offroad.config import load_params
 from offroad.errors import run_cli
-from offroad.runtime import Run, choose_attention, configure_cpu, init_distributed, resolve_device
+from offroad.runtime import Run, configure_cpu, init_distributed, resolve_device
 from offroad.segmenter import build_model, place
 from offroad.training import RunInputs, fit, warn_about_weights
 
@@ -45,13 +45,7 @@ def main() -> None:
     log = print if dist.writes_outputs else (lambda _: None)
     log(f"train: {len(train)} train / {len(val)} val images, device {device}, {run.precision}, world {dist.world}, "
         f"backbone {params.model.backbone} ({params.model.weights}), augment {'on' if params.augment.enabled else 'off'}")
-    summary = fit(model, params, RunInputs(train, val, weights, source_digest("stages.train")), run, log=log)
-    if dist.writes_outputs:
-        artifacts.write_run_facts({
-            **summary, "device": device.type, "world_size": dist.world, "precision": run.precision,
-            "attention": "{} ({})".format(*choose_attention(params.model.attention, device_type=device.type)),
-            "backbone": params.model.backbone,
-            "backbone_weights": params.model.weights})
+    fit(model, params, RunInputs(train, val, weights, source_digest("stages.train")), run, log=log)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
 

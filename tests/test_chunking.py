@@ -18,7 +18,7 @@ def history(tmp_path, tiny_dataset, backbone_batch):
     steps = []
     real_features = model.features
     model.features = lambda images: steps.append(len(images)) or real_features(images)
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
+    out = Outputs.inside(tmp_path)
     fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), Run.from_params(params, torch.device("cpu")),
         out, log=lambda _: None)
     return history_rows(out.live), steps

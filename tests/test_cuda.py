@@ -32,7 +32,7 @@ def fit_tiny(tmp_path, tiny_dataset, dist=None, **overrides) -> tuple[list[dict]
     params = make_params({**TRAIN, **overrides})
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes).to(DEVICE)
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
+    out = Outputs.inside(tmp_path)
     run = Run.from_params(params, DEVICE) if dist is None else Run.from_params(params, DEVICE, dist)
     fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val), run, out, log=lambda _: None)
     return [{k: float(v) for k, v in row.items()} for row in history_rows(out.live)], out

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from offroad.metrics import (confusion_matrix, epoch_scores, format_summary, image_confusion_matrices, rounded,
-                             sort_by_iou, summarize)
+from offroad.metrics import (confusion_matrix, epoch_scores, format_summary, history_table, image_confusion_matrices,
+                             rounded, sort_by_iou, summarize)
 
 IGNORE = 255
 
@@ -174,3 +174,33 @@ def test_sort_by_iou_puts_the_best_first_and_absent_classes_last_in_class_order(
 
 def test_rounded_reaches_into_lists_and_tuples():
     assert rounded({"a": [0.123456789, (1.0004, "x")], "b": 2}, 3) == {"a": [0.123, [1.0, "x"]], "b": 2}
+
+
+def test_format_summary_prints_each_score_with_its_unit():
+    s = summarize(torch.tensor([[3, 1, 0], [1, 5, 0], [0, 0, 0]]), ["Sky", "Logs", "Trees"])
+    lines = format_summary(s).splitlines()
+    assert lines[0].split() == ["Mean", "IoU", f"{s['miou']:.4f}"]
+    assert lines[1].split() == ["Mean", "Dice", f"{s['mdice']:.4f}"]
+    assert lines[2].split() == ["Pixel", "accuracy", f"{100 * s['pixel_accuracy']:.2f}%"]
+    assert lines[3].split() == ["Mean", "class", "accuracy", f"{100 * s['mean_class_accuracy']:.2f}%"]
+    assert lines[5].split() == ["Class", "IoU", "Dice", "Precision", "Recall", "%", "pixels"]
+    logs = s["per_class"]["Logs"]  # 5 right of 6 labelled and of 6 predicted; 6 of 10 pixels
+    assert lines[6].split() == ["Logs", f"{5 / 7:.4f}", f"{10 / 12:.4f}", f"{5 / 6:.4f}", f"{5 / 6:.4f}", "60.00%"]
+    assert logs["iou"] == pytest.approx(5 / 7)
+    assert lines[8].split() == ["Trees", "—", "—", "—", "—", "0.00%"]
+    assert len({len(line) for line in lines[5:]}) == 1  # the columns line up
+
+
+def test_history_table_marks_the_best_val_epoch_and_formats_each_column():
+    history = {"epoch": np.array([1, 2, 3]), "train_loss": np.array([1.5, 1.25, 1.0]),
+               "val_loss": np.array([1.4, 1.3, 1.35]), "train_iou": np.array([0.1, 0.2, 0.3]),
+               "val_iou": np.array([0.15, 0.25, 0.2]), "train_dice": np.array([0.2, 0.3, 0.4]),
+               "val_dice": np.array([0.25, 0.35, 0.3]), "train_acc": np.array([0.5, 0.6, 0.7]),
+               "val_acc": np.array([0.55, 0.65, 0.6]), "lr": np.array([1e-3, 5e-4, 0.0])}
+    lines = history_table(history).splitlines()
+    assert lines[0].split() == ["Epoch", "Train", "Loss", "Val", "Loss", "Train", "IoU", "Val", "IoU", "Train", "Dice",
+                                "Val", "Dice", "Train", "Acc", "Val", "Acc", "LR"]
+    assert lines[2].split() == ["2*", "1.2500", "1.3000", "0.2000", "0.2500", "0.3000", "0.3500", "60.00%", "65.00%",
+                                "5.00e-04"]
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2*", "3"]
+    assert len({len(line) for line in lines}) == 1

@@ -38,7 +38,7 @@ def test_phase3_trains_and_evaluates_on_tiny_data(tiny_dataset, tmp_path):
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes)
     assert model.backbone.embed_dim == 768 and model.backbone.num_registers == 4 and model.layers == 4
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
+    out = Outputs.inside(tmp_path)
     run = Run.from_params(params, torch.device("cpu"))
     weights = torch.linspace(0.5, 2.0, params.data.num_classes)
     fit(model, params, RunInputs(tiny_dataset.train, tiny_dataset.val, weights), run, out, log=lambda _: None)

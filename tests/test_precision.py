@@ -16,7 +16,7 @@ def train(tmp_path, **overrides):
     params = make_params({**TRAIN, **overrides})
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes)
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
+    out = Outputs.inside(tmp_path)
     return params, model, out
 
 

@@ -14,7 +14,7 @@ from tests.conftest import TINY, make_params, history_rows
 
 
 def interrupted_then_resumed(tmp_path, first, second, params):
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
+    out = Outputs.inside(tmp_path)
     run = Run.from_params(params, torch.device("cpu"))
 
     def stop_after_epoch_1(line):
@@ -83,7 +83,7 @@ def test_a_damaged_resume_state_is_ignored_with_its_reason(tiny_dataset, tmp_pat
     model = build_model(params.model, params.data.num_classes)
     lines = []
     fit(model, params, RunInputs(*data), Run.from_params(params, torch.device("cpu")),
-        Outputs(*(out / f"{k}.pt" for k in ("best", "final", "last")), out / "dvclive"), log=lines.append)
+        Outputs.inside(out), log=lines.append)
     assert lines[0].startswith(f"resume: ignoring {out / 'last.pt'} (") and reason in lines[0]
     assert lines[0].endswith("; starting fresh")
     assert [r["epoch"] for r in history_rows(out / "dvclive")] == [1, 2]  # both epochs, from the start

@@ -1,5 +1,8 @@
 """Device, precision and CPU settings: the CPU fallback of the GPU code paths."""
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +74,46 @@ def test_a_multi_node_endpoint_needs_a_host_and_a_port(monkeypatch, endpoint):
     monkeypatch.setenv(launch.RDZV_ENDPOINT, endpoint)
     with pytest.raises(launch.LaunchError, match=f"set {launch.RDZV_ENDPOINT}=HOST:PORT .* got '{endpoint}'"):
         launch.check(make_params({"train.nodes": 2}).train, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1e9", "nan"])
+def test_a_rendezvous_timeout_must_be_seconds(monkeypatch, value):
+    monkeypatch.setenv(launch.RDZV_ENDPOINT, "node0:29500")
+    monkeypatch.setenv(launch.RDZV_TIMEOUT, value)
+    with pytest.raises(launch.LaunchError, match=f"{launch.RDZV_TIMEOUT}='{value}': give the seconds .* 1 to 3600"):
+        launch.check(make_params({"train.nodes": 2}).train, torch.device("cpu"))
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+def test_a_multi_node_endpoint_held_by_a_silent_listener_fails_in_time_in_one_line():
+    launcher = ("import torch; from offroad import launch; from tests.conftest import make_params; "
+                "launch.launch(make_params({'train.nodes': 2}).train, torch.device('cpu'), 'stages.train')")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections (the backlog), never answers
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        env = {**os.environ, launch.RDZV_ENDPOINT: endpoint, launch.RDZV_TIMEOUT: "1"}
+        done = subprocess.run([sys.executable, "-c", launcher], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"offroad.launch.LaunchError: rendezvous at {endpoint}: something accepts connections "
+                           "there but has not answered as torch's store in 1 s")
+    assert "frame #" not in done.stderr
+
+
+def test_an_unreachable_store_is_one_line_and_a_live_one_passes(monkeypatch, capfd):
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False)
+    assert launch.hosts_here("127.0.0.1", free_port()) and not launch.hosts_here("127.0.0.1", store.port)
+    assert not launch.hosts_here("192.0.2.1", free_port())  # not an address of this machine
+    monkeypatch.setattr(launch, "hosts_here", lambda host, port: False)  # as on a node that does not host it
+    endpoint = f"127.0.0.1:{free_port()}"
+    with pytest.raises(launch.LaunchError, match=rf"rendezvous at {endpoint}: no store answered in 1 s \(The client "
+                                                 r"socket has timed out .*\); start the node 127.0.0.1 names"):
+        launch.check_store(endpoint, 1)
+    assert "frame #" not in capfd.readouterr().err
+    launch.check_store(f"127.0.0.1:{store.port}", 5)
 
 
 @pytest.mark.parametrize("name, value", [("WORLD_SIZE", "abc"), ("RANK", "-1"), ("LOCAL_RANK", "0x1"),

@@ -1,4 +1,5 @@
 """The train loop on tiny real-format data: recipes, schedules, early stopping, checkpoints, resume."""
+import json
 import math
 
 import numpy as np
@@ -9,13 +10,15 @@ import torch.nn.functional as F
 from types import SimpleNamespace
 from unittest import mock
 
+from offroad import artifacts, atomic
 from offroad.artifacts import HISTORY_COLUMNS
+from offroad.errors import PipelineError
 from offroad.augment import build_augment
 from offroad.losses import build_loss
 from offroad.runtime import Dist, Run
 from offroad.segmenter import build_model
-from offroad.training import (Outputs, RunInputs, State, TrainingError, epoch_batches, fingerprint, fit, lr_at,
-                               record_epoch)
+from offroad.training import (BackboneWork, Outputs, RunInputs, State, TrainingError, epoch_batches, fingerprint, fit,
+                               lr_at, record_epoch, run_summary)
 from tests.conftest import TINY, make_params, history_rows
 
 TRAIN = {"train.epochs": 3, "train.batch_size": 4, "train.num_workers": 0, "train.device": "cpu"}
@@ -34,7 +37,7 @@ def run(tmp_path, splits, params, loss_fn=None, log=None):
     torch.manual_seed(0)
     model = build_model(params.model, params.data.num_classes)
     weights = torch.linspace(0.5, 2.0, params.data.num_classes) if params.loss.class_weighted else None
-    out = Outputs(*(tmp_path / f"{k}.pt" for k in ("best", "final", "last")), tmp_path / "dvclive")
+    out = Outputs.inside(tmp_path)
     run_ = Run.from_params(params, torch.device("cpu"))
     with mock.patch("offroad.training.build_loss", side_effect=(lambda *_: loss_fn) if loss_fn else build_loss):
         summary = fit(model, params, RunInputs(*splits, weights), run_, out, log=log or (lambda _: None))
@@ -363,3 +366,43 @@ def test_a_process_left_without_images_in_the_last_batch_runs_image_0_uncounted(
     assert shares[1][-1][0].tolist() == [0] and shares[1][-1][0].dtype == np.int64  # an index array
     counted = [i for share in shares for batch, ok in share if ok for i in batch.tolist()]
     assert sorted(counted) == list(range(5))
+
+
+def test_run_summary_counts_this_run_s_epochs_and_the_forwards_caching_saved():
+    state = State("f", epoch=7, best_epoch=5, best_val_iou=0.4)
+    # resumed after epoch 3: 4 epochs of 8 train + 2 val images would be 40 forwards; 12 ran, 6 of them cached
+    work = BackboneWork(forwards=12.4, cached=6, cached_seconds=3.0, train_images=8, val_images=2)
+    assert run_summary(state, 10, 3, 16.04, work) == {
+        "best_epoch": 5, "best_val_iou": 0.4, "epochs_run": 7, "stopped_early": True, "resumed_from_epoch": 3,
+        "train_seconds": 16.0, "images_per_second": 2.0, "backbone_forwards": 12, "backbone_forwards_saved": 28,
+        "backbone_seconds_saved": 14.0}
+    done = run_summary(State("f", epoch=10), 10, 0, 0.0, BackboneWork(20, 0, 0.0, 2, 0))
+    assert not done["stopped_early"] and done["backbone_forwards_saved"] == 0
+    assert done["images_per_second"] is None and done["backbone_seconds_saved"] is None
+
+
+def test_the_models_and_run_facts_of_a_run_are_written_as_one_set(tmp_path, splits, monkeypatch):
+    p = tiny_params(**{"train.epochs": 2, "augment.enabled": False})
+    run(tmp_path, splits, p)
+    done = {name: (tmp_path / name).read_bytes() for name in ("best.pt", "final.pt", "run.json")}
+    facts = json.loads(done["run.json"])
+    assert facts["device"] == "cpu" and "epochs_run" not in facts  # a result: DVCLive's summary has it
+    assert {"device", "world_size", "precision", "attention", "backbone", "train_seconds"} <= set(facts)
+
+    def full_disk(path, summary):  # the last file of the set does not fit
+        with atomic.atomic_path(path) as tmp:
+            tmp.write_bytes(b"{")
+            raise OSError(28, "No space left on device", str(tmp))
+
+    other = tiny_params(**{"train.epochs": 2, "augment.enabled": False, "train.seed": 1})
+    with monkeypatch.context() as m:
+        m.setattr(artifacts, "write_run_facts", full_disk)
+        with pytest.raises(PipelineError, match="run.json: cannot write"):
+            run(tmp_path, splits, other)
+    assert {name: (tmp_path / name).read_bytes() for name in done} == done  # the previous run's set, whole
+    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert last["epoch"] == 2 and not last["complete"]  # the new run's resume state: it finishes on the rerun
+    lines = []
+    run(tmp_path, splits, other, log=lines.append)
+    assert lines[0].startswith("resume: continuing after epoch 2")
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["params"]["train"]["seed"] == 1
