@@ -97,6 +97,20 @@ def test_ignored_pixels_do_not_matter(name):
     assert not logits.grad[0, :, 1, 1].any() and logits.grad[0, :, 0, 0].any()
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "focal_dice"])
+def test_a_weighted_mean_does_not_change_when_every_class_weight_is_scaled(name):
+    small = build_loss(loss_params(name=name), torch.tensor(WEIGHTS) * 1e-3, IGNORE)  # weights summing below 1
+    assert small(*tensors()).item() == pytest.approx(build_loss(loss_params(name=name), torch.tensor(WEIGHTS),
+                                                                IGNORE)(*tensors()).item(), rel=1e-5)
+
+
+def test_dice_averages_over_the_classes_present_even_one():
+    labels = [2, 2, 2, IGNORE]
+    loss = build_loss(loss_params(name="focal_dice", focal_weight=0.0, dice_weight=1.0), torch.tensor(WEIGHTS), IGNORE)
+    p = softmax_rows(LOGITS)[:3, 2]
+    assert loss(*tensors(labels=labels)).item() == pytest.approx(1 - 2 * p.sum() / (p.sum() + 3), rel=1e-6)
+
+
 def test_all_ignored_focal_dice_is_zero_not_nan():
     logits, target = torch.randn(1, 3, 2, 2, requires_grad=True), torch.full((1, 2, 2), IGNORE)
     value = build_loss(loss_params(name="focal_dice"), torch.tensor(WEIGHTS), IGNORE)(logits, target)

@@ -174,20 +174,21 @@ def test_sort_by_iou_puts_the_best_first_and_absent_classes_last_in_class_order(
 
 def test_rounded_reaches_into_lists_and_tuples():
     assert rounded({"a": [0.123456789, (1.0004, "x")], "b": 2}, 3) == {"a": [0.123, [1.0, "x"]], "b": 2}
+    assert rounded(1 / 3) == 0.33333  # five digits by default
 
 
 def test_format_summary_prints_each_score_with_its_unit():
-    s = summarize(torch.tensor([[3, 1, 0], [1, 5, 0], [0, 0, 0]]), ["Sky", "Logs", "Trees"])
+    s = summarize(torch.tensor([[3, 1, 0], [1, 5, 0], [0, 0, 0]]), ["Sky", "Log", "Tree"])  # names below 5 letters
     lines = format_summary(s).splitlines()
     assert lines[0].split() == ["Mean", "IoU", f"{s['miou']:.4f}"]
     assert lines[1].split() == ["Mean", "Dice", f"{s['mdice']:.4f}"]
     assert lines[2].split() == ["Pixel", "accuracy", f"{100 * s['pixel_accuracy']:.2f}%"]
     assert lines[3].split() == ["Mean", "class", "accuracy", f"{100 * s['mean_class_accuracy']:.2f}%"]
     assert lines[5].split() == ["Class", "IoU", "Dice", "Precision", "Recall", "%", "pixels"]
-    logs = s["per_class"]["Logs"]  # 5 right of 6 labelled and of 6 predicted; 6 of 10 pixels
-    assert lines[6].split() == ["Logs", f"{5 / 7:.4f}", f"{10 / 12:.4f}", f"{5 / 6:.4f}", f"{5 / 6:.4f}", "60.00%"]
+    logs = s["per_class"]["Log"]  # 5 right of 6 labelled and of 6 predicted; 6 of 10 pixels
+    assert lines[6].split() == ["Log", f"{5 / 7:.4f}", f"{10 / 12:.4f}", f"{5 / 6:.4f}", f"{5 / 6:.4f}", "60.00%"]
     assert logs["iou"] == pytest.approx(5 / 7)
-    assert lines[8].split() == ["Trees", "—", "—", "—", "—", "0.00%"]
+    assert lines[8].split() == ["Tree", "—", "—", "—", "—", "0.00%"]
     assert len({len(line) for line in lines[5:]}) == 1  # the columns line up
 
 

@@ -15,7 +15,7 @@ from offroad.errors import PipelineError
 from offroad.heads import MultiScaleHead
 from offroad.segmenter import Segmenter, build_model, head_checkpoint, load_segmenter
 from offroad.vit import attention, build_backbone, preprocess
-from offroad.weights import WeightsError, load_backbone_weights, official_weights
+from offroad.weights import WeightsError, _few, load_backbone_weights, official_weights
 from offroad.config import load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -647,3 +647,8 @@ def test_multiscale_head_matches_a_float64_reference():
     assert expected.shape == (2, 5, 5, 7) and head.classifier.weight.shape == (5, 8, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(head(x).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_key_lists_are_cut_only_when_longer_than_the_limit():
+    assert _few(["a", "b", "c"], 3) == "a, b, c"
+    assert _few(list("abcd"), 3) == "a, b, c (+1 more)"

@@ -12,13 +12,14 @@ from unittest import mock
 
 from offroad import artifacts, atomic
 from offroad.artifacts import HISTORY_COLUMNS
-from offroad.errors import PipelineError
 from offroad.augment import build_augment
+from offroad.errors import PipelineError
+from offroad.evaluation import Evaluation
 from offroad.losses import build_loss
 from offroad.runtime import Dist, Run
 from offroad.segmenter import build_model
 from offroad.training import (BackboneWork, Outputs, RunInputs, State, TrainingError, epoch_batches, fingerprint, fit,
-                               lr_at, record_epoch, run_summary)
+                               history_row, lr_at, record_epoch, run_summary)
 from tests.conftest import TINY, make_params, history_rows
 
 TRAIN = {"train.epochs": 3, "train.batch_size": 4, "train.num_workers": 0, "train.device": "cpu"}
@@ -372,9 +373,9 @@ def test_run_summary_counts_this_run_s_epochs_and_the_forwards_caching_saved():
     state = State("f", epoch=7, best_epoch=5, best_val_iou=0.4)
     # resumed after epoch 3: 4 epochs of 8 train + 2 val images would be 40 forwards; 12 ran, 6 of them cached
     work = BackboneWork(forwards=12.4, cached=6, cached_seconds=3.0, train_images=8, val_images=2)
-    assert run_summary(state, 10, 3, 16.04, work) == {
+    assert run_summary(state, 10, 3, 16.26, work) == {
         "best_epoch": 5, "best_val_iou": 0.4, "epochs_run": 7, "stopped_early": True, "resumed_from_epoch": 3,
-        "train_seconds": 16.0, "images_per_second": 2.0, "backbone_forwards": 12, "backbone_forwards_saved": 28,
+        "train_seconds": 16.3, "images_per_second": 1.97, "backbone_forwards": 12, "backbone_forwards_saved": 28,
         "backbone_seconds_saved": 14.0}
     done = run_summary(State("f", epoch=10), 10, 0, 0.0, BackboneWork(20, 0, 0.0, 2, 0))
     assert not done["stopped_early"] and done["backbone_forwards_saved"] == 0
@@ -406,3 +407,12 @@ def test_the_models_and_run_facts_of_a_run_are_written_as_one_set(tmp_path, spli
     run(tmp_path, splits, other, log=lines.append)
     assert lines[0].startswith("resume: continuing after epoch 2")
     assert torch.load(tmp_path / "best.pt", weights_only=False)["params"]["train"]["seed"] == 1
+
+
+def test_history_row_scores_both_splits_to_six_digits():
+    train = Evaluation(1 / 3, torch.tensor([[2, 1], [0, 3]]), np.zeros(0))  # IoU 2/3 and 3/4, Dice 4/5 and 6/7
+    val = Evaluation(2.0, torch.tensor([[1, 0], [0, 1]]), np.zeros(0))
+    row = history_row(4, 1 / 3 * 1e-3, train, val)
+    assert row == {"epoch": 4, "train_loss": 0.333333, "val_loss": 2.0, "train_iou": round((2 / 3 + 3 / 4) / 2, 6),
+                   "val_iou": 1.0, "train_dice": round((4 / 5 + 6 / 7) / 2, 6), "val_dice": 1.0,
+                   "train_acc": round(5 / 6, 6), "val_acc": 1.0, "lr": 0.000333333}
