@@ -372,11 +372,11 @@ def test_a_process_left_without_images_in_the_last_batch_runs_image_0_uncounted(
 def test_run_summary_counts_this_run_s_epochs_and_the_forwards_caching_saved():
     state = State("f", epoch=7, best_epoch=5, best_val_iou=0.4)
     # resumed after epoch 3: 4 epochs of 8 train + 2 val images would be 40 forwards; 12 ran, 6 of them cached
-    work = BackboneWork(forwards=12.4, cached=6, cached_seconds=3.0, train_images=8, val_images=2)
+    work = BackboneWork(forwards=12.4, cached=6, cached_seconds=3.1, train_images=8, val_images=2)
     assert run_summary(state, 10, 3, 16.26, work) == {
         "best_epoch": 5, "best_val_iou": 0.4, "epochs_run": 7, "stopped_early": True, "resumed_from_epoch": 3,
         "train_seconds": 16.3, "images_per_second": 1.97, "backbone_forwards": 12, "backbone_forwards_saved": 28,
-        "backbone_seconds_saved": 14.0}
+        "backbone_seconds_saved": 14.5}  # 28 x 3.1 / 6 = 14.47
     done = run_summary(State("f", epoch=10), 10, 0, 0.0, BackboneWork(20, 0, 0.0, 2, 0))
     assert not done["stopped_early"] and done["backbone_forwards_saved"] == 0
     assert done["images_per_second"] is None and done["backbone_seconds_saved"] is None
