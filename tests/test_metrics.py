@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from offroad.metrics import (confusion_matrix, epoch_scores, format_summary, history_table, image_confusion_matrices,
-                             rounded, sort_by_iou, summarize)
+from offroad.metrics import (class_scores, confusion_matrix, epoch_scores, format_summary, history_table,
+                             image_confusion_matrices, rounded, sort_by_iou, summarize)
 
 IGNORE = 255
 
@@ -205,3 +205,13 @@ def test_history_table_marks_the_best_val_epoch_and_formats_each_column():
                                 "5.00e-04"]
     assert [line.split()[0] for line in lines[1:]] == ["1", "2*", "3"]
     assert len({len(line) for line in lines}) == 1
+
+
+def test_class_scores_of_a_stack_are_each_matrix_s_scores():
+    stack = np.array([[[3, 1], [0, 2]], [[0, 0], [4, 1]], [[5, 0], [0, 0]]])  # 3 matrices of 2 classes (bootstrap)
+    scores = class_scores(stack)
+    for i, cm in enumerate(stack):
+        one = class_scores(torch.tensor(cm))
+        for name in ("iou", "dice", "precision", "recall", "pixel_share", "pixel_accuracy"):
+            np.testing.assert_array_equal(scores[name][i], one[name])
+    np.testing.assert_array_equal(scores["iou"][0], [3 / 4, 2 / 3])
