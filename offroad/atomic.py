@@ -15,7 +15,7 @@ import torch
 from offroad.errors import PipelineError
 
 TMP_SUFFIX = ".tmp"
-_held: list[tuple[Path, Path]] | None = None  # (temporary, path) renames that `together` holds back
+_held: list[tuple[Path, Path]] | None = None  # (temporary, path) swaps that `together` holds back
 
 
 class WriteError(PipelineError):
@@ -59,46 +59,81 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def together() -> Iterator[None]:
-    """The files written inside the block replace their paths only once all of them are written: a failure,
-    a full disk or an interrupt inside leaves every earlier file as it was. The renames then follow each other
-    at once."""
+    """The files and folders written inside the block replace their paths only once all of them are written: a
+    failure, a full disk or an interrupt inside leaves every earlier one as it was. The swaps then follow each
+    other at once."""
     global _held
     outer, _held = _held, []
     try:
         yield
         for tmp, path in _held:
             with _reported(path, tmp):
-                os.replace(tmp, path)
+                _swap(tmp, path)
     finally:
         for tmp, _ in _held:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
         _held = outer
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling folder; swap it in for `path` only if the block succeeds."""
+    """Yield an empty temporary sibling folder; swap it in for `path` only if the block succeeds (inside
+    `together`: once the whole set succeeded)."""
     path = Path(path)
-    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}{end}") for end in (".tmpdir", ".old"))
-    with _reported(path, tmp, old):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmpdir")
+    with _reported(path, tmp, _old(path)):
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(path)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        held = False
         try:
             tmp.mkdir()
             yield tmp
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
+            if _held is None:
+                _swap(tmp, path)
+            else:
+                _held.append((tmp, path))
+                held = True
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+            if not held:
+                _remove(tmp)
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.old")
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """`tmp` in place of `path`: a file by one rename; a folder by two, the old one deleted after."""
+    if not tmp.is_dir():
+        os.replace(tmp, path)
+        return
+    old = _old(path)
+    moved = path.exists() or path.is_symlink()
+    if moved:
+        path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        if moved:
+            old.rename(path)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def check_writable(*paths: str | Path) -> None:
     """Refuse at start-up outputs (files or folders) that could not be written at the end: the nearest existing
-    folder above each must be a writable folder."""
+    folder above each must be a writable folder, and a file's path (one with an extension) not a folder."""
     for path in map(Path, paths):
+        if path.suffix and path.is_dir():
+            raise WriteError(f"{path}: cannot write (it is a folder; remove it)")
         existing = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
         if not existing.is_dir():
             raise WriteError(f"{path}: cannot write ({existing} is not a folder)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from offroad import artifacts, atomic
 from offroad.errors import PipelineError, run_cli
 
 EVIDENCE = Path("evidence")
+NAME = re.compile(r"[A-Za-z0-9._-]+")
 WORKSPACE = "workspace"
 FILES = (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS, *artifacts.PER_IMAGE.values(), artifacts.TRAIN_RUN,
          *artifacts.HISTORY_FILES)
@@ -105,8 +107,26 @@ def source_commit(rev: str) -> str | None:
     return found.stdout.strip() or None
 
 
+def stale_stages() -> list[str]:
+    """The stages whose outputs in the workspace are not those of its params, code and data (`dvc status`);
+    none outside a DVC project (a copy that ran the stages by hand)."""
+    if not Path(".dvc").is_dir():
+        return []
+    from dvc.repo import Repo  # noqa: PLC0415 (slow to import)
+
+    try:
+        with Repo(".") as repo:
+            return list(repo.status())
+    except Exception as e:  # noqa: BLE001  dvc raises its own types for a broken dvc.yaml or lock
+        raise EvidenceError(f"workspace: `dvc status` failed ({type(e).__name__}: {e})") from None
+
+
 def save(out: Path, rev: str) -> None:
     """Write one run's evidence folder from `rev`, whole or not at all."""
+    stale = stale_stages() if rev == WORKSPACE else []
+    if stale:
+        raise EvidenceError(f"workspace: the outputs of {', '.join(stale)} are not those of its params.yaml, code "
+                            "or data (`dvc status`); run `dvc repro` first, or give a committed revision")
     params, read = reader(rev)
     missing = [p.as_posix() for p in FILES[:4] if read(p) is None]
     if missing:
@@ -135,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="revisions or experiments (default: the workspace)")
     parser.add_argument("--force", action="store_true", help="replace evidence that is already there")
     args = parser.parse_args(argv)
+    if not all(NAME.fullmatch(part) and set(part) != {"."} for part in args.out.split("/")):
+        raise EvidenceError(f"evidence name {args.out!r}: give a plain name (letters, digits, '.', '_', '-', and '/' "
+                            f"between names), it becomes {EVIDENCE}/NAME")
     out = EVIDENCE / args.out
     targets = [run_folder(out, rev, len(args.revs) > 1) for rev in args.revs]
     if len(set(targets)) < len(targets):

@@ -23,7 +23,7 @@ import numpy as np
 
 from offroad import artifacts, atomic, bootstrap, evidence, guard
 from offroad.artifacts import HEADLINE
-from offroad.errors import PipelineError, run_cli
+from offroad.errors import PipelineError, run_cli, warn
 from offroad.metrics import SCORES, dataset_scores
 
 WORKSPACE = evidence.WORKSPACE
@@ -116,6 +116,10 @@ def read_side(rev: str, source: tuple | None = None, figures: bool = True) -> Si
     """The params, metrics, test per-image matrices and (unless `figures` is False) figures of one run, read
     through `source` = (params, read) from offroad.evidence (default: the revision `rev` through DVC)."""
     params, read = source or evidence.reader(rev)
+    stale = evidence.stale_stages() if rev == WORKSPACE else []
+    if stale:
+        warn(f"workspace: the outputs of {', '.join(stale)} are not those of its params.yaml, code or data "
+             "(`dvc status`): its scores are the last run's; run `dvc repro` to review what the workspace says")
     train, evaluation = (_json(read(p), f"{rev}:{p}") for p in (artifacts.TRAIN_METRICS, artifacts.EVAL_METRICS))
     if evaluation and HEADLINE not in evaluation:
         raise ReviewError(f"{rev}: {artifacts.EVAL_METRICS} has no {HEADLINE} split (it predates the held-out test "

@@ -136,6 +136,29 @@ def scene(repo: Path, folder: str, index: int, split: str = "train") -> Path:
     return repo / "data/synthetic" / split / folder / f"{split}_{index:05d}.png"
 
 
+def file_replaced_by_folder(name: str):
+    def break_it(repo: Path) -> None:
+        (repo / name).unlink()
+        (repo / name / "x").mkdir(parents=True)
+    return break_it
+
+
+def both(*breaks: Callable[[Path], None]):
+    return lambda repo: [b(repo) for b in breaks]
+
+
+def scene_of(folder: str, index: int, split: str) -> Callable[[Path], Path]:
+    return lambda repo: scene(repo, folder, index, split)
+
+
+def cropped(where: Callable[[Path], Path]):
+    def break_it(repo: Path) -> None:
+        path = where(repo)
+        pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(path), pixels[: pixels.shape[0] // 2, : pixels.shape[1] // 2])
+    return break_it
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -407,6 +430,12 @@ CATALOGUE = {
                                    ["metrics/run/train.json: cannot write (metrics is not a folder)"]),
     "outputs: plots/images is below a file": ("plot", folder_replaced_by_file("plots"),
                                               ["plots/images: cannot write (plots is not a folder)"]),
+    "outputs: a checkpoint's path is a folder": ("train", file_replaced_by_folder("models/final.pt"),
+                                                 ["models/final.pt: cannot write (it is a folder; remove it)"]),
+    # a split that fails after others were prepared: all three are kept as they were
+    "data: new image size, then a bad mask in the last split": (
+        "prepare", both(params({"data.image_size": [56, 28]}), cropped(scene_of("Segmentation", 2, "test"))),
+        ["test_00002.png: mask is 112x63 but its image is 224x126"]),
 }
 
 
@@ -517,6 +546,33 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         1 / 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     assert (tmp_path / "a.txt").read_text() == "old"
+
+
+def test_together_replaces_folders_and_files_as_one_set(tmp_path):
+    def state():  # the visible files; the temporaries are hidden
+        files = [p.relative_to(tmp_path) for p in sorted(tmp_path.rglob("*")) if p.is_file()]
+        return {str(f): (tmp_path / f).read_text() for f in files if not any(n.startswith(".") for n in f.parts)}
+
+    atomic.write_text(tmp_path / "a.txt", "old")
+    with atomic.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("old")
+    with pytest.raises(ZeroDivisionError), atomic.together():
+        with atomic.atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("new")
+        atomic.write_text(tmp_path / "a.txt", "new")
+        1 / 0
+    assert state() == {"a.txt": "old", "d/f": "old"} and not list(tmp_path.rglob(".*"))
+    with atomic.together():
+        with atomic.atomic_dir(tmp_path / "d") as tmp:
+            atomic.write_text(tmp / "f", "new")  # a file of the folder: held too, swapped in first
+        atomic.write_text(tmp_path / "a.txt", "new")
+        assert state() == {"a.txt": "old", "d/f": "old"}
+    assert state() == {"a.txt": "new", "d/f": "new"}
+    atomic.write_text(tmp_path / "e", "a file")
+    with atomic.atomic_dir(tmp_path / "e") as tmp:  # a folder in place of a file leaves no .old behind
+        (tmp / "f").write_text("x")
+    assert state() == {"a.txt": "new", "d/f": "new", "e/f": "x"}
+    assert not list(tmp_path.rglob(".*"))
 
 
 def test_save_torch_gives_the_same_bytes_wherever_and_whoever_writes(tmp_path):

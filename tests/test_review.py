@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offroad import ablation, artifacts, bootstrap, metrics, review
+from offroad import ablation, artifacts, bootstrap, evidence, metrics, review
 from offroad.errors import PipelineError
-from tests.conftest import copy_project, run_dvc
+from tests.conftest import TINY_PIPELINE, copy_project, run_dvc, write_params
 
 K = 3
 PIXELS = 1000  # per class and image
@@ -157,6 +157,29 @@ def test_review_of_real_revisions_and_experiments(rerun, tmp_path, monkeypatch):
 
     with pytest.raises(PipelineError, match="no-such-rev: no evidence/no-such-rev/ and no git revision or experiment"):
         review.main(["no-such-rev"])
+
+
+def test_evidence_is_saved_under_evidence_only_and_from_a_reproduced_workspace_only(reproduced_project, tmp_path,
+                                                                                    monkeypatch, capsys):
+    repo = copy_project(reproduced_project, tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    outputs = {p: p.read_bytes() for top in ("metrics", "models") for p in (repo / top).rglob("*") if p.is_file()}
+    for name in ("../metrics", "x/../../models", "", ".", "..", str(tmp_path / "abs"), "a b", "a//b"):
+        with pytest.raises(PipelineError, match=rf"evidence name {re.escape(repr(name))}: give a plain name"):
+            evidence.main([name, "--force"])
+    assert {p: p.read_bytes() for p in outputs} == outputs and not (repo / "evidence").exists()
+    assert not (tmp_path / "abs").exists()
+
+    evidence.main(["tiny/seed0"])
+    assert (repo / "evidence/tiny/seed0/metrics/evaluate.json").read_bytes() == outputs[repo / artifacts.EVAL_METRICS]
+    write_params(repo / "params.yaml", {**TINY_PIPELINE, "train.seed": 5})  # and no `dvc repro`
+    with pytest.raises(PipelineError, match=r"workspace: the outputs of train are not those of its "
+                                            r"params.yaml, code or data \(`dvc status`\); run `dvc repro` first"):
+        evidence.main(["stale"])
+    assert not (repo / "evidence/stale").exists()
+    capsys.readouterr()
+    review.read_side(review.WORKSPACE, figures=False)
+    assert capsys.readouterr().err.startswith("warning: workspace: the outputs of train are not those")
 
 
 @pytest.mark.parametrize("args, message", [
