@@ -129,7 +129,29 @@ BLOCKS = {"results": results, "seeds": seeds, "review-phases": review_phases, "r
           "ablation": ablation_table, "imbalance": imbalance}
 
 
+def check_markers(text: str, where: Path) -> None:
+    """Every line that is a block marker is exactly an opening or a closing one, and they pair up: a block
+    the pattern would not see must not pass unchecked."""
+    opened = None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not (line.startswith("<!--") and "generated" in line):
+            continue
+        closing = line == "<!-- /generated -->"
+        if not closing and not re.fullmatch(r"<!-- generated: [\w:./-]+ -->", line):
+            raise PipelineError(f"{where}:{number}: {line!r} is not a block marker; write "
+                                "`<!-- generated: NAME -->` ... `<!-- /generated -->`")
+        if closing == (opened is None):
+            raise PipelineError(f"{where}:{number}: {line} " + ("closes no block" if closing else
+                                f"opens a block inside the one opened on line {opened}"))
+        opened = None if closing else number
+    if opened is not None:
+        raise PipelineError(f"{where}:{opened}: the block opened here has no `<!-- /generated -->`")
+
+
 def render(text: str, where: Path) -> str:
+    check_markers(text, where)
+
     def fill(match: re.Match) -> str:
         name = match[2]
         if name.startswith("file:"):  # a committed result file (a benchmark's output), verbatim

@@ -46,6 +46,19 @@ def test_an_unknown_block_is_named(tmp_path, monkeypatch):
         docs.main(["--check", str(page)])
 
 
+@pytest.mark.parametrize("broken, message", [
+    (lambda t: t.replace("<!-- /generated -->\n", "", 1), "the block opened here has no `<!-- /generated -->`"),
+    (lambda t: t.replace("<!-- generated: results -->", "<!--  generated: results -->"), "is not a block marker"),
+    (lambda t: t.replace("<!-- generated: results -->\n", "", 1), "<!-- /generated --> closes no block"),
+])
+def test_a_broken_block_marker_is_named_not_skipped(tmp_path, monkeypatch, broken, message):
+    monkeypatch.chdir(REPO)
+    page = tmp_path / "README.md"
+    page.write_text(broken((REPO / "README.md").read_text()).replace("0.4", "0.9"))  # and its numbers edited
+    with pytest.raises(docs.PipelineError, match=re.escape(message)):
+        docs.main(["--check", str(page)])
+
+
 def fresh_clone_commands() -> list[tuple[str, str]]:
     """(page, command) for each line of the bash blocks marked `<!-- fresh-clone -->`."""
     found = []
