@@ -107,9 +107,15 @@ def split_folders(data: Data) -> dict[str, Path]:
 
 
 def list_splits(folders: dict[str, Path]) -> dict[str, list[tuple[str, Path, Path]]]:
-    """The pairs of every split, checked before anything is written; warns of names in more than one split."""
-    pairs = {split: list_pairs(folder) for split, folder in folders.items()}
+    """The pairs of every split, checked before anything is written: one folder for two splits is refused,
+    names in more than one split are warned of."""
     splits = list(folders)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            if folders[a].resolve() == folders[b].resolve():
+                raise DataError(f"the {a} and {b} splits are the same folder ({folders[b]}): each split needs "
+                                "its own images (check data.root and data.test_root)")
+    pairs = {split: list_pairs(folder) for split, folder in folders.items()}
     for i, a in enumerate(splits):
         for b in splits[i + 1:]:
             shared = sorted({n for n, _, _ in pairs[a]} & {n for n, _, _ in pairs[b]})

@@ -123,28 +123,46 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = args.checkpoint or artifacts.CHECKPOINTS[params.train.checkpoint]
     run = Run.from_params(params, device)
     print(f"predict: {device}, {run.precision}", file=sys.stderr)
-    segmenter = place(load_segmenter(checkpoint, params.model, names, device)[0], run)
+    segmenter, saved = load_segmenter(checkpoint, params.model, names, device)
+    trained_at = saved["params"].get("data", {}).get("image_size") if isinstance(saved["params"], dict) else None
+    if trained_at is not None and list(trained_at) != list(data.image_size):
+        raise PredictError(f"{checkpoint} was trained at data.image_size {list(trained_at)}, {args.params} has "
+                            f"{list(data.image_size)}: give the params it was trained with (--params)")
+    segmenter = place(segmenter, run)
 
-    with atomic.together():  # the masks, overlays and metrics of one run: all new, or all as before
-        cm = predict_all(segmenter, images, masks, args.out, data, run)
-        print(f"predict: wrote {len(images)} masks and overlays to {args.out}/ using {checkpoint}")
-        if masks:
-            summary = summarize(cm, names)
-            atomic.write_json(args.out / "metrics.json",
-                              rounded({"checkpoint": str(checkpoint), "images": len(images), **summary}))
-            print(f"scored against {masks_dir}:\n{format_summary(summary)}", end="")
+    new_out = not args.out.exists()
+    try:  # the masks, overlays and metrics of one run: all new (an earlier run's folders replaced whole), or as before
+        with atomic.together():
+            with atomic.atomic_dir(args.out / "masks") as mask_dir, \
+                    atomic.atomic_dir(args.out / "overlays") as overlay_dir:
+                cm = predict_all(segmenter, images, masks, (mask_dir, overlay_dir), data, run)
+            if masks:
+                summary = summarize(cm, names)
+                atomic.write_json(args.out / "metrics.json",
+                                  rounded({"checkpoint": str(checkpoint), "images": len(images), **summary}))
+    except BaseException:
+        if new_out and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()
+        raise
+    if not masks:
+        (args.out / "metrics.json").unlink(missing_ok=True)  # an earlier run's scores
+    print(f"predict: wrote {len(images)} masks and overlays to {args.out}/ using {checkpoint}")
+    if masks:
+        print(f"scored against {masks_dir}:\n{format_summary(summary)}", end="")
 
 
-def predict_all(segmenter: Segmenter, images: list[Path], masks: list[Path] | None, out: Path, data: Data,
-                run: Run) -> torch.Tensor:
-    """Write each image's mask and overlay under `out`; the confusion matrix against `masks` (zeros without)."""
+def predict_all(segmenter: Segmenter, images: list[Path], masks: list[Path] | None, out: tuple[Path, Path],
+                data: Data, run: Run) -> torch.Tensor:
+    """Write each image's mask and overlay into the folders `out`; the confusion matrix against `masks` (zeros
+    without)."""
+    mask_dir, overlay_dir = out
     lut = class_lut(data)
     cm = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
     for i, path in enumerate(progress(images, len(images), "predict")):
         image = read_image(path)
         pred = segment(segmenter, image, tuple(data.image_size), run.device, run.amp, run.amp_dtype)
-        write_png(out / "masks" / f"{path.stem}.png", colorize(pred, data.num_classes))
-        write_png(out / "overlays" / f"{path.stem}.png", np.hstack([image, overlay(image, pred, data.num_classes)]))
+        write_png(mask_dir / f"{path.stem}.png", colorize(pred, data.num_classes))
+        write_png(overlay_dir / f"{path.stem}.png", np.hstack([image, overlay(image, pred, data.num_classes)]))
         if masks:
             target = map_mask(read_mask(masks[i]), lut, masks[i])
             if target.shape != pred.shape:

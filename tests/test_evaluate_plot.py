@@ -306,6 +306,32 @@ def test_predict_without_masks_and_bad_input(trained, tiny_dataset):
         predict.main(["--images", str(folder), "--out", "out", "--masks", str(root / "models")])
 
 
+def test_predict_again_into_the_same_folder_replaces_the_earlier_run_whole(trained, tiny_dataset):
+    root, _, _ = trained
+    scenes = root / "scenes"
+    shutil.copytree(tiny_dataset.root / "val", scenes)
+    predict.main(["--images", str(scenes / "Color_Images"), "--out", "out"])
+    first = sorted(p.name for p in (root / "out/masks").iterdir())
+    kept = first[0]
+    for name in first[1:]:  # fewer images, no masks: the earlier masks, overlays and scores must not stay
+        (scenes / "Color_Images" / name).unlink()
+    shutil.rmtree(scenes / "Segmentation")
+    predict.main(["--images", str(scenes / "Color_Images"), "--out", "out"])
+    assert [p.name for p in (root / "out/masks").iterdir()] == [kept]
+    assert [p.name for p in (root / "out/overlays").iterdir()] == [kept]
+    assert not (root / "out/metrics.json").exists()
+    assert sorted(p.name for p in (root / "out").iterdir()) == ["masks", "overlays"]
+
+
+def test_predict_refuses_params_of_another_image_size_than_the_checkpoint_s(trained, tiny_dataset):
+    root, _, _ = trained
+    other = write_params(root / "other.yaml", {**TINY, "data.image_size": [224, 112], "train.device": "cpu"})
+    with pytest.raises(PipelineError, match=r"models/best.pt was trained at data.image_size \[112, 56\], "
+                                            r".*other.yaml has \[224, 112\]: give the params it was trained with"):
+        predict.main(["--images", str(tiny_dataset.root / "val/Color_Images"), "--out", "out", "--params", str(other)])
+    assert not (root / "out").exists()
+
+
 def drawn_figures(monkeypatch):
     """Run the plot stage, keeping the Figure objects it saves by file name."""
     from offroad import figures

@@ -432,6 +432,8 @@ CATALOGUE = {
                                               ["plots/images: cannot write (plots is not a folder)"]),
     "outputs: a checkpoint's path is a folder": ("train", file_replaced_by_folder("models/final.pt"),
                                                  ["models/final.pt: cannot write (it is a folder; remove it)"]),
+    "data: the test split is the val folder": ("prepare", params({"data.test_root": "data/synthetic/val"}),
+                                               ["the val and test splits are the same folder (data/synthetic/val)"]),
     # a split that fails after others were prepared: all three are kept as they were
     "data: new image size, then a bad mask in the last split": (
         "prepare", both(params({"data.image_size": [56, 28]}), cropped(scene_of("Segmentation", 2, "test"))),
