@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from offroad.errors import PipelineError
 
@@ -66,7 +66,14 @@ class Section(BaseModel):
 
 
 class ClassSpec(Section):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=100)
+
+    @field_validator("name")
+    @classmethod
+    def _one_line(cls, name: str) -> str:  # it heads table rows and CSV columns
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError("a class name is one line of printable characters (no newline, tab or control code)")
+        return name
     raw: list[Annotated[int, Field(ge=0, le=65535, strict=True)]] = Field(min_length=1)
 
 

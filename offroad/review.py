@@ -270,6 +270,9 @@ def metrics_section(old: Group, new: Group, paired: tuple | None, resamples: int
     notes, tested = [], {}
     if paired is None:
         notes += [missing_note(run) for group in (old, new) for run in group.runs if run.per_image is None]
+    elif paired[1] < 2:
+        notes.append(f"Only {paired[1]} {HEADLINE} image was scored by every run: no intervals and no verdicts (a "
+                     "bootstrap over one image has no spread).")
     else:
         (old_cms, new_cms), images, extra = paired
         found = bootstrap.compare(old_cms, new_cms, resamples=resamples, seed=seed, tests=len(SCORES))
@@ -281,7 +284,9 @@ def metrics_section(old: Group, new: Group, paired: tuple | None, resamples: int
                      "hold together at 95 %.")
         notes.append(noise_note([old, new]))
         if extra:
-            notes.append("Left out, scored by one run only: " + ", ".join(f"{n} image(s) of `{r}`" for r, n in extra.items()) + ".")
+            left = ", ".join(f"{n} image(s) of `{r}`" for r, n in extra.items())
+            notes.append(f"Left out, scored by one run only: {left}; the tested rows score the {images} images "
+                         "every run scored.")
     a, b = old.metrics, new.metrics
     bounds = re.compile(r"_(low|high)$")
     # the other numbers, and the other values where they differ; the interval bounds are in the verdict column
@@ -290,10 +295,10 @@ def metrics_section(old: Group, new: Group, paired: tuple | None, resamples: int
     rows = []
     for k in [*TESTED, *others]:
         x, y = a.get(k, "—"), b.get(k, "—")
-        if k in tested:
+        if k in tested:  # the scores of the images the interval is over
             r = tested[k]
-            rows.append([f"**{k}**", fmt(x), fmt(y), _change(x, y), f"[{r['low']:+.4f}, {r['high']:+.4f}]",
-                         f"**{r['verdict']}**"])
+            rows.append([f"**{k}**", fmt(r["old"]), fmt(r["new"]), _change(r["old"], r["new"]),
+                         f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"])
         else:
             rows.append([k, fmt(x), fmt(y), _change(x, y), "", ""])
     header = ["metric", old.rev, new.rev, "change", f"{level(len(SCORES))} interval of the change", "verdict"]
@@ -302,8 +307,8 @@ def metrics_section(old: Group, new: Group, paired: tuple | None, resamples: int
 
 def per_class_section(old: Group, new: Group, paired: tuple | None, resamples: int, seed: int) -> list[str]:
     names = old.classes
-    if paired is None:
-        return ["### Per-class IoU (test)", "", "No per-image data on one side: no per-class intervals."]
+    if paired is None or paired[1] < 2:
+        return ["### Per-class IoU (test)", "", "No per-image data on one side, or one image: no per-class intervals."]
     (old_cms, new_cms), _, _ = paired
     found = bootstrap.compare(old_cms, new_cms, lambda cms: bootstrap.class_iou(cms, names), resamples, seed,
                               tests=len(names))

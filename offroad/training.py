@@ -362,6 +362,8 @@ def fit(model: Segmenter, params: Params, inputs: RunInputs, run: Run, out: Outp
     start_epoch, started = state.epoch, time.perf_counter()
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.early_stopping_patience and epoch - state.best_epoch >= cfg.early_stopping_patience:
+            log(f"early stopping: no val mIoU gain in {epoch - state.best_epoch} epochs after epoch {state.best_epoch} "
+                f"({state.best_val_iou:.4f}); stopped after epoch {epoch} of {cfg.epochs}")
             break
         t.set_lr(lr_at(epoch, params))
         batches = epoch_batches(len(inputs.train), cfg.batch_size, cfg.seed, epoch, dist)

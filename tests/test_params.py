@@ -70,6 +70,8 @@ def test_string_numbers_are_floats(raw):
     ("data.classes.1.name", "Background", "duplicate class names ['Background']"),
     ("data.classes.1.raw", [0], "raw ids [0] are mapped more than once"),
     ("data.classes.0.nam", "x", "unknown key 'data.classes.0.nam' (did you mean 'name'?)"),
+    ("data.classes.2.name", "Land\nscape", "'data.classes.2.name': a class name is one line of printable characters"),
+    ("data.classes.2.name", "Dry\tGrass", "'data.classes.2.name': a class name is one line"),
     ("data.ignore_index", 3, "ignore_index 3 collides with a class index"),
     ("model.backbone", "dinov2_vits16", "'model.backbone'"),
     ("scheduler.min_lr", 1.0, "scheduler.min_lr 1.0 exceeds optimizer.lr"),

@@ -95,6 +95,26 @@ def test_report_lists_changed_params_verdicts_per_class_iou_and_figures(tmp_path
     assert (tmp_path / "report_figures/new/per_class_iou.png").read_bytes() == b"png"
 
 
+def test_the_tested_rows_score_the_images_the_interval_is_over():
+    rng = np.random.default_rng(4)
+    old, new = image_cms(rng.uniform(0.4, 0.6, 20)), image_cms(rng.uniform(0.4, 0.6, 25))
+    new[20:] = image_cms(np.full(5, 0.99))  # 5 easy images only the new side scored
+    table = rows(text := review.report(side("old", old), side("new", new)))
+    on_common = {n: metrics.dataset_scores(cms[:20].sum(0))["miou"] for n, cms in (("old", old), ("new", new))}
+    assert table["test.miou"][:3] == [f"{on_common['old']:.4f}", f"{on_common['new']:.4f}",
+                                      f"{on_common['new'] - on_common['old']:+.4f}"]
+    low, high = (float(x) for x in table["test.miou"][3].strip("[]").split(", "))
+    assert low <= on_common["new"] - on_common["old"] <= high
+    assert "Left out, scored by one run only: 5 image(s) of `new`; the tested rows score the 20 images" in text
+
+
+def test_one_common_image_gets_no_interval_and_no_verdict():
+    old, new = image_cms([0.5]), image_cms([0.6])
+    text = review.report(side("old", old), side("new", new))
+    assert "Only 1 test image was scored by every run: no intervals and no verdicts" in text
+    assert review.verdicts(text) == [] and rows(text)["test.miou"][-2:] == ["", ""]
+
+
 def test_report_names_the_side_without_per_image_data():
     cms = image_cms(np.full(5, 0.5))
     text = review.report(side("v1.0", None), side("workspace", cms))

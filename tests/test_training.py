@@ -101,9 +101,12 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
     # lr this small leaves predictions unchanged, so val mIoU never beats epoch 1.
     p = tiny_params(**{"train.epochs": 10, "optimizer.lr": 1e-12, "scheduler.min_lr": 0.0, "augment.enabled": False,
                        "train.early_stopping_patience": 2})
-    summary, rows, _ = run(tmp_path, splits, p)
+    lines = []
+    summary, rows, _ = run(tmp_path, splits, p, log=lines.append)
     assert len({r["val_iou"] for r in rows}) == 1
     assert summary["epochs_run"] == 3 and summary["stopped_early"] and summary["best_epoch"] == 1
+    assert lines[-1] == (f"early stopping: no val mIoU gain in 2 epochs after epoch 1 ({rows[0]['val_iou']:.4f}); "
+                         "stopped after epoch 3 of 10")
 
 
 def test_best_checkpoint_is_the_highest_val_iou_and_final_the_last(tmp_path, splits):
