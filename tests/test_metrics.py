@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from offroad.metrics import (class_scores, confusion_matrix, epoch_scores, format_summary, history_table,
+from offroad.metrics import (class_mean, class_scores, confusion_matrix, epoch_scores, format_summary, history_table,
                              image_confusion_matrices, rounded, sort_by_iou, summarize)
 
 IGNORE = 255
@@ -215,3 +215,20 @@ def test_class_scores_of_a_stack_are_each_matrix_s_scores():
         for name in ("iou", "dice", "precision", "recall", "pixel_share", "pixel_accuracy"):
             np.testing.assert_array_equal(scores[name][i], one[name])
     np.testing.assert_array_equal(scores["iou"][0], [3 / 4, 2 / 3])
+
+
+def test_class_scores_at_one_pixel_and_for_an_empty_matrix():
+    s = class_scores(np.array([[1, 0, 0], [0, 0, 1], [0, 0, 0]]))  # class 0 right once, class 1 taken for 2 once
+    np.testing.assert_array_equal(s["iou"], [1.0, 0.0, np.nan])
+    np.testing.assert_array_equal(s["precision"], [1.0, 0.0, np.nan])
+    np.testing.assert_array_equal(s["pixel_share"], [0.5, 0.5, 0.0])
+    assert s["pixel_accuracy"] == 0.5
+    one = class_scores(np.array([[1, 0], [0, 0]]))
+    assert one["pixel_accuracy"] == 1.0 and one["pixel_share"].tolist() == [1.0, 0.0]
+    empty = class_scores(np.zeros((2, 2), np.int64))
+    assert empty["pixel_share"].tolist() == [0.0, 0.0] and np.isnan(empty["pixel_accuracy"])
+
+
+def test_class_mean_averages_each_row_s_present_classes():
+    np.testing.assert_array_equal(class_mean(np.array([[0.2, np.nan], [0.4, 0.6], [np.nan, np.nan]])),
+                                  [0.2, 0.5, np.nan])
