@@ -136,11 +136,13 @@ def write_history(live: Path, rows: list[dict]) -> None:
     open_log(live, rows).end()
 
 
-def run_dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`dvc ARGS` in `repo` with this interpreter's environment first on PATH (stage commands call `python`)."""
+def run_dvc(repo: Path, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `repo` with this interpreter's environment first on PATH (stage commands call `python`);
+    `timeout`: seconds, after which it is killed (subprocess.TimeoutExpired)."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -4,6 +4,7 @@ plots diff, remote push and pull)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import io
 import json
@@ -11,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -383,10 +385,15 @@ def test_a_queued_run_shows_its_epochs_in_exp_show_while_it_trains(tmp_path):
     subprocess.run([sys.executable, "-m", "dvc", "queue", "start"], cwd=repo, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen, refused = [], []  # (executor state, step, val iou, epochs_run) at each look; failed looks
+    deadline = time.monotonic() + 600
     try:
         while len(seen) < 600 and (not seen or seen[-1][0] not in ("success", "failed")):
-            looked = run_dvc(repo, "exp", "show", "--json", check=False)
-            if looked.returncode:  # DVC can fail while the queue sets up the run's temporary workspace
+            assert time.monotonic() < deadline, f"the run did not end in 600 s: {seen[-3:]}, {refused[-3:]}"
+            try:  # DVC can fail, or (rarely) hang, while the queue sets up or removes the run's temporary workspace
+                looked = run_dvc(repo, "exp", "show", "--json", check=False, timeout=60)
+            except subprocess.TimeoutExpired:
+                looked = subprocess.CompletedProcess([], 1, "", "dvc exp show still running after 60 s")
+            if looked.returncode:
                 refused.append(looked.stderr)
                 assert len(refused) < 20, refused
                 continue
@@ -399,7 +406,8 @@ def test_a_queued_run_shows_its_epochs_in_exp_show_while_it_trains(tmp_path):
                     seen.append(((exp.get("executor") or {}).get("state"), live.get("step"),
                                  (live.get("val") or {}).get("iou"), live.get("epochs_run")))
     finally:
-        run_dvc(repo, "queue", "kill", "watched", check=False)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run_dvc(repo, "queue", "kill", "watched", check=False, timeout=60)
     mid_run = [s for s in seen if s[0] == "running" and s[1] and s[3] is None]
     assert mid_run, f"never seen running with an epoch logged and no results yet: {seen}"
     assert 1 <= mid_run[-1][1] < epochs and 0 <= mid_run[-1][2] <= 1
